@@ -1,0 +1,1 @@
+"""The loraplex Python client and CLI."""

@@ -1,0 +1,1 @@
+"""The loraplex server: base model, adapters, engine, API, routing and observability."""

@@ -1,0 +1,237 @@
+"""One typed settings tree for the server: defaults here, then a YAML file, then environment, then flags.
+
+Every limit the server enforces lives in this module with its default. Sources, weakest first:
+
+1. the defaults below;
+2. a YAML file (``--config PATH`` or ``LORAPLEX_CONFIG``) shaped like the tree (``engine: {max_queue: 64}``);
+3. environment variables ``LORAPLEX_<SECTION>__<FIELD>`` (``LORAPLEX_ENGINE__MAX_QUEUE=64``);
+4. command-line flags ``--<section>.<field>`` (``--engine.max-queue 64``) and the short aliases in ``FLAG_ALIASES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+QuantizationName = Literal["none", "int8", "nf4"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def default_cache_dir() -> Path:
+    """Where converted base models live: ``$LORAPLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/loraplex``."""
+    explicit = os.environ.get("LORAPLEX_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "loraplex"
+
+
+class ModelSettings(_Section):
+    """The one base model the server holds."""
+
+    base_model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), an HF model dir or a .gguf")
+    quantization: QuantizationName | None = Field(None, description="none|int8|nf4; default nf4 on CUDA, none on CPU")
+    device: str = Field("auto", description="auto|cpu|cuda|cuda:N")
+    dtype: DTypeName = Field("auto", description="compute dtype; auto = float32 on CPU, bfloat16 on CUDA")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+
+
+class AdapterSettings(_Section):
+    """Adapter sources and the two-tier adapter cache."""
+
+    roots: tuple[Path, ...] = Field((Path("adapters"),), description="directories adapter ids resolve under")
+    max_rank: int = Field(128, ge=1, le=1024, description="largest LoRA rank accepted")
+    device_slots: int = Field(32, ge=1, description="adapters resident on the compute device at once")
+    device_bytes: int = Field(2 * GIB, ge=MIB, description="bytes of device memory for adapter slots")
+    host_bytes: int = Field(8 * GIB, ge=MIB, description="bytes of host memory for the adapter LRU")
+    max_file_bytes: int = Field(1 * GIB, ge=1, description="largest adapter weights file read")
+    loader_threads: int = Field(2, ge=1, le=64, description="threads that read adapters from disk")
+    preload: tuple[str, ...] = Field((), description="adapter ids loaded at start-up")
+
+
+class EngineSettings(_Section):
+    """Continuous batching, KV cache and request limits."""
+
+    max_queue: int = Field(256, ge=1, description="requests waiting beyond this are refused (Overloaded)")
+    max_running: int = Field(32, ge=1, description="sequences in the running batch")
+    max_batch_tokens: int = Field(512, ge=16, description="tokens (prefill + decode) in one forward pass")
+    kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens, all sequences together")
+    max_seq_len: int = Field(4096, ge=16, description="prompt + new tokens of one request")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt accepted")
+    max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens accepted")
+    max_stop_sequences: int = Field(16, ge=0, description="stop strings per request")
+    max_stop_length: int = Field(256, ge=1, description="characters per stop string")
+    max_stream_backlog: int = Field(1024, ge=1, description="undelivered events before a slow reader is cancelled")
+    idle_poll_s: float = Field(0.05, gt=0, description="how long the idle engine loop sleeps between inbox checks")
+
+
+class ServerSettings(_Section):
+    """Network endpoints and transport limits (used by the API layer)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9464, ge=0, le=65535, description="HTTP /metrics port; 0 = pick a free one")
+    max_message_bytes: int = Field(4 * MIB, ge=1024)
+    max_concurrent_streams: int = Field(1024, ge=1)
+    grace_period_s: float = Field(30.0, ge=0)
+
+
+class Settings(_Section):
+    """The whole tree."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> Settings:
+        eng = self.engine
+        if eng.max_seq_len > eng.kv_cache_tokens:
+            raise ValueError(
+                f"engine.max_seq_len ({eng.max_seq_len}) exceeds engine.kv_cache_tokens ({eng.kv_cache_tokens}): "
+                "one request could never fit; raise kv_cache_tokens or lower max_seq_len"
+            )
+        return self
+
+
+class SettingsError(ValueError):
+    """The settings sources do not form a valid tree; the message names the bad key and why."""
+
+
+ENV_PREFIX = "LORAPLEX_"
+FLAG_ALIASES: dict[str, str] = {
+    "base-model": "model.base_model",
+    "quantization": "model.quantization",
+    "device": "model.device",
+    "adapter-root": "adapters.roots",
+    "host": "server.host",
+    "port": "server.port",
+    "metrics-port": "server.metrics_port",
+}
+
+
+def _sections() -> dict[str, type[_Section]]:
+    return {name: field.annotation for name, field in Settings.model_fields.items()}  # type: ignore[misc]
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in _sections() or key not in _sections()[section].model_fields:
+        raise SettingsError(f"unknown setting '{dotted}'")
+    tree.setdefault(section, {})[key] = value
+
+
+def _is_sequence_field(dotted: str) -> bool:
+    section, _, key = dotted.partition(".")
+    annotation = str(_sections()[section].model_fields[key].annotation)
+    return annotation.startswith("tuple")
+
+
+def _parse_scalar(dotted: str, raw: str) -> Any:
+    if _is_sequence_field(dotted):
+        return [item for item in raw.split(",") if item]
+    return yaml.safe_load(raw) if raw else raw
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings named by ``LORAPLEX_<SECTION>__<FIELD>`` variables."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        dotted = f"{section}.{key}"
+        _set_path(tree, dotted, _parse_scalar(dotted, raw))
+    return tree
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--config``, ``--<section>.<field>`` for every setting, and the short aliases."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    for section, model in _sections().items():
+        group = parser.add_argument_group(section)
+        for key, field in model.model_fields.items():
+            dotted = f"{section}.{key}"
+            flags = [f"--{section}.{key.replace('_', '-')}"]
+            flags += [f"--{alias}" for alias, target in FLAG_ALIASES.items() if target == dotted]
+            help_text = field.description or ""
+            if _is_sequence_field(dotted):
+                group.add_argument(*flags, dest=dotted, action="append", default=None, help=help_text)
+            else:
+                group.add_argument(*flags, dest=dotted, default=None, help=help_text)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, raw in vars(args).items():
+        if "." not in dotted or raw is None:
+            continue
+        if isinstance(raw, list):
+            value: Any = [item for text in raw for item in text.split(",") if item]
+        else:
+            value = _parse_scalar(dotted, raw)
+        _set_path(tree, dotted, value)
+    return tree
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Builds the tree from the file, the environment and explicit overrides (flags), in that order."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    config_file = config_file or (Path(environ["LORAPLEX_CONFIG"]) if environ.get("LORAPLEX_CONFIG") else None)
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"cannot read settings file {config_file}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"settings file {config_file} must hold a mapping of sections")
+        tree = _merge(tree, loaded)
+    tree = _merge(tree, env_overrides(environ))
+    tree = _merge(tree, overrides or {})
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc
+
+
+def settings_from_argv(argv: Sequence[str] | None, prog: str = "loraplex-server") -> Settings:
+    parser = argparse.ArgumentParser(prog=prog, description="loraplex multi-LoRA gRPC server")
+    add_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        return load_settings(args.config, overrides=flag_overrides(args))
+    except SettingsError as exc:
+        parser.error(str(exc))

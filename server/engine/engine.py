@@ -1,0 +1,510 @@
+"""The engine: a thread that runs continuous-batching steps, and the thread-safe API around it.
+
+``submit`` validates and tokenizes on the caller's thread and raises typed errors at once (bad input, unknown
+adapter, full queue, draining); accepted sequences travel through an inbox to the engine thread, which owns the
+scheduler, KV cache and device slots. ``generate`` wraps ``submit`` as an async iterator of events for asyncio
+callers (the gRPC layer); leaving the iterator early cancels the request, which frees its sequence at the next step.
+A failure inside a step fails the requests of that step, never the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from loraplex.server.config import Settings
+from loraplex.server.engine.batch import build_step
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from loraplex.server.engine.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EngineError,
+    InternalError,
+    InvalidRequest,
+    Overloaded,
+    ShuttingDown,
+)
+from loraplex.server.engine.kv_cache import KVCache
+from loraplex.server.engine.sampler import SamplerState, sample
+from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler
+from loraplex.server.engine.sequence import EventSink, Sequence, Status
+from loraplex.server.engine.types import (
+    AdapterInfo,
+    ChatMessage,
+    EngineStats,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+    Usage,
+)
+from loraplex.server.lora.cache import AdapterManager, AdapterVersion
+from loraplex.server.lora.format import AdapterLimits
+from loraplex.server.lora.ops import select_backend
+from loraplex.server.lora.pool import DeviceSlots
+from loraplex.server.lora.sources import AdapterRoots
+from loraplex.server.model.dora import dora_scales_for
+from loraplex.server.model.forward import DecoderForward
+from loraplex.server.model.loader import LoadedBase
+
+log = logging.getLogger(__name__)
+
+_MAX_SEED = 2**63 - 1
+_MAX_TEMPERATURE = 100.0
+_MAX_REPETITION_PENALTY = 100.0
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+class AsyncSink:
+    """An :class:`EventSink` feeding an asyncio queue, bounded by ``max_backlog`` undelivered events."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_backlog: int) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
+        self._max_backlog = max_backlog
+        self._backlog = 0
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _put(self, item: GenerationEvent | EngineError) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody reads any more
+            return False
+        return True
+
+    def push(self, event: GenerationEvent) -> bool:
+        if self.closed:
+            return False
+        with self._lock:
+            if self._backlog >= self._max_backlog:
+                return False
+            self._backlog += 1
+        return self._put(event)
+
+    def fail(self, error: EngineError) -> None:
+        self._put(error)
+
+    async def get(self) -> GenerationEvent | EngineError:
+        item = await self._queue.get()
+        if not isinstance(item, EngineError):
+            with self._lock:
+                self._backlog -= 1
+        return item
+
+
+def validate_sampling(params: SamplingParams, settings: Settings) -> None:
+    eng = settings.engine
+    problems: list[str] = []
+    if not 1 <= params.max_new_tokens <= eng.max_new_tokens:
+        problems.append(f"max_new_tokens must be 1..{eng.max_new_tokens} (got {params.max_new_tokens})")
+    if not (math.isfinite(params.temperature) and 0 <= params.temperature <= _MAX_TEMPERATURE):
+        problems.append(f"temperature must be 0..{_MAX_TEMPERATURE} (0 = greedy; got {params.temperature})")
+    if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
+        problems.append(f"top_p must be in (0, 1] (got {params.top_p})")
+    if params.top_k < 0:
+        problems.append(f"top_k must be >= 0 (0 = off; got {params.top_k})")
+    if params.seed is not None and not 0 <= params.seed <= _MAX_SEED:
+        problems.append(f"seed must be 0..2^63-1 (got {params.seed})")
+    if not (math.isfinite(params.repetition_penalty) and 0 < params.repetition_penalty <= _MAX_REPETITION_PENALTY):
+        problems.append(f"repetition_penalty must be in (0, {_MAX_REPETITION_PENALTY}] (1 = off)")
+    if len(params.stop) > eng.max_stop_sequences:
+        problems.append(f"at most {eng.max_stop_sequences} stop sequences (got {len(params.stop)})")
+    if any(not s or len(s) > eng.max_stop_length for s in params.stop):
+        problems.append(f"stop sequences must be 1..{eng.max_stop_length} characters")
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+
+
+class Engine:
+    """Owns the base model, adapters, KV cache and the engine thread."""
+
+    def __init__(self, base: LoadedBase, settings: Settings) -> None:
+        self.base = base
+        self.settings = settings
+        eng, ad = settings.engine, settings.adapters
+        shape = base.shape
+        self.kv = KVCache(
+            shape.num_layers, shape.num_kv_heads, shape.head_dim, eng.kv_cache_tokens, base.dtype, base.device
+        )
+        self.slots = DeviceSlots(shape, ad.device_slots, ad.device_bytes, base.dtype, base.device)
+        self.adapters = AdapterManager(
+            roots=AdapterRoots.of(ad.roots),
+            shape=shape,
+            limits=AdapterLimits(max_rank=ad.max_rank, max_file_bytes=ad.max_file_bytes),
+            slots=self.slots,
+            host_bytes=ad.host_bytes,
+            loader_threads=ad.loader_threads,
+            base_fingerprint=base.fingerprint,
+            dora_scales_fn=lambda weights: dora_scales_for(base, weights),
+        )
+        self.backend = select_backend(base.device, base.dtype)
+        self.forward = DecoderForward(base, self.kv, self.backend)
+        self.scheduler = Scheduler(eng, self.kv, self.adapters)
+        self.tokenizer = base.tokenizer
+        self._backend_tokenizer = base.tokenizer.backend_tokenizer
+        self._tokenizer_lock = threading.Lock()
+        self.eos_ids = self._eos_ids()
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._live: dict[str, Sequence] = {}
+        self._running_count = 0
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.adapters.add_load_listener(self._wake.set)
+        self.steps = 0
+        log.info(
+            "engine ready: LoRA backend %s, KV cache %d tokens (%.0f MiB)",
+            self.backend.value,
+            eng.kv_cache_tokens,
+            self.kv.nbytes / 2**20,
+        )
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        configured = getattr(self.base.model.generation_config, "eos_token_id", None)
+        for value in (configured, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+        for adapter_id in self.settings.adapters.preload:
+            self.adapters.load(adapter_id, pin=None).result()
+
+    def begin_drain(self) -> None:
+        """Stops accepting requests; those already accepted keep running."""
+        self._accepting = False
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until every accepted request has finished; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._live:
+                    return True
+            time.sleep(0.02)
+        with self._lock:
+            return not self._live
+
+    def stop(self) -> None:
+        """Stops the engine thread; requests still live fail with ShuttingDown."""
+        self._accepting = False
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._lock:
+            leftovers = list(self._live.values())
+            self._live.clear()
+        for seq in leftovers:
+            seq.sink.fail(ShuttingDown("the server is shutting down"))
+        self.adapters.shutdown()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # --------------------------------------------------------------------------------------------- requests
+
+    def tokenize(self, prompt: str | None = None, messages: tuple[ChatMessage, ...] | None = None) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens) or of chat messages (chat template)."""
+        with self._tokenizer_lock:
+            if messages:
+                bad = sorted({m.role for m in messages} - CHAT_ROLES)
+                if bad:
+                    raise InvalidRequest(f"unknown chat roles {bad}; use {sorted(CHAT_ROLES)}")
+                if self.tokenizer.chat_template is None:
+                    raise InvalidRequest("this base model's tokenizer has no chat template; send a plain prompt")
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in messages],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                return ids
+            ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
+            return ids
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        given = [request.prompt, request.messages, request.prompt_token_ids]
+        if sum(1 for g in given if g) != 1:
+            raise InvalidRequest("send exactly one non-empty prompt: text, chat messages or token ids")
+        if request.prompt_token_ids:
+            ids = list(request.prompt_token_ids)
+            vocab = self.base.shape.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequest(f"prompt token ids must be in 0..{vocab - 1}")
+        else:
+            ids = self.tokenize(request.prompt, request.messages)
+        if not ids:
+            raise InvalidRequest("the prompt is empty after tokenization")
+        limit = self.settings.engine.max_prompt_tokens
+        if len(ids) > limit:
+            raise InvalidRequest(f"prompt has {len(ids)} tokens, more than the limit of {limit}")
+        return ids
+
+    def submit(self, request: GenerationRequest, sink: EventSink) -> None:
+        """Accepts a request or raises its error at once. Events then arrive at ``sink`` from the engine thread."""
+        if not self._accepting:
+            raise ShuttingDown("the server is draining or stopped; retry on another replica")
+        if not request.request_id:
+            raise InvalidRequest("request_id must not be empty")
+        validate_sampling(request.sampling, self.settings)
+        prompt_ids = self._prompt_ids(request)
+        max_len = self.settings.engine.max_seq_len
+        if len(prompt_ids) + request.sampling.max_new_tokens > max_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds "
+                f"the maximum sequence length {max_len}; shorten the prompt or lower max_new_tokens"
+            )
+        if request.deadline is not None and request.deadline <= time.monotonic():
+            raise DeadlineExceeded("the deadline passed before the request was accepted")
+        adapter_future = self.adapters.lookup(request.adapter_id) if request.adapter_id else None
+        seq = Sequence(
+            request=request,
+            prompt_ids=prompt_ids,
+            sink=sink,
+            sampler=SamplerState.create(request.sampling, prompt_ids, self.base.device),
+            detokenizer=IncrementalDetokenizer(self._backend_tokenizer, prompt_ids),
+            stop=StopMatcher(request.sampling.stop),
+            eos_ids=frozenset() if request.sampling.ignore_eos else self.eos_ids,
+            adapter_future=adapter_future,
+        )
+        with self._lock:
+            if request.request_id in self._live:
+                raise InvalidRequest(f"request_id '{request.request_id}' is already in flight")
+            waiting = len(self._live) - self._running_count
+            if waiting >= self.settings.engine.max_queue:
+                raise Overloaded(
+                    f"{waiting} requests are queued (engine.max_queue={self.settings.engine.max_queue}); retry later"
+                )
+            self._live[request.request_id] = seq
+        self._inbox.put(seq)
+        self._wake.set()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Submits ``request`` and yields its events; closing the iterator early cancels the request."""
+        sink = AsyncSink(asyncio.get_running_loop(), self.settings.engine.max_stream_backlog)
+        self.submit(request, sink)
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, EngineError):
+                    finished = True
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    finished = True
+                    return
+        finally:
+            sink.closed = True
+            if not finished:
+                self.cancel(request.request_id)
+
+    def cancel(self, request_id: str, reason: EngineError | None = None) -> bool:
+        """Marks a live request cancelled; the engine frees it at the next step. False if it is not live."""
+        with self._lock:
+            seq = self._live.get(request_id)
+        if seq is None:
+            return False
+        seq.cancel(reason or Cancelled("the request was cancelled"))
+        self._wake.set()
+        return True
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            live = len(self._live)
+        on_device, on_host = self.adapters.counts()
+        return EngineStats(
+            running=self._running_count,
+            waiting=max(0, live - self._running_count),
+            kv_cache_usage=self.kv.usage,
+            adapters_on_device=on_device,
+            adapters_on_host=on_host,
+        )
+
+    # ----------------------------------------------------------------------------------------------- admin
+
+    def load_adapter(self, adapter_id: str, pin: bool | None = None) -> Future[AdapterVersion]:
+        future = self.adapters.load(adapter_id, pin)
+        self._wake.set()
+        return future
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        self.adapters.unload(adapter_id)
+        self._wake.set()
+
+    def adapter_info(self, adapter_id: str) -> AdapterInfo:
+        return self.adapters.info(adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.adapters.infos()
+
+    # ------------------------------------------------------------------------------------------ engine loop
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                worked = self._iterate()
+            except Exception:  # the loop must survive anything; the step's requests were failed already
+                log.exception("engine iteration failed")
+                worked = False
+            if not worked:
+                self._wake.wait(self.settings.engine.idle_poll_s)
+                self._wake.clear()
+
+    def _iterate(self) -> bool:
+        while True:
+            try:
+                self.scheduler.add(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        self._reap()
+        self.adapters.place_pinned()
+        chunks, failed = self.scheduler.schedule()
+        for seq, error in failed:
+            self._fail(seq, error)
+        self._running_count = len(self.scheduler.running)
+        if not chunks:
+            return bool(failed)
+        try:
+            self._run_step(chunks)
+        except Exception as exc:
+            log.exception("engine step failed; failing its %d requests", len(chunks))
+            for chunk in chunks:
+                self._fail(chunk.seq, InternalError(f"the engine step failed: {type(exc).__name__}"))
+        self._running_count = len(self.scheduler.running)
+        return True
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            deadline = seq.request.deadline
+            if seq.cancel_reason is not None:
+                self._fail(seq, seq.cancel_reason)
+            elif deadline is not None and now >= deadline:
+                self._fail(
+                    seq,
+                    DeadlineExceeded(
+                        f"deadline exceeded after {len(seq.output_ids)} generated tokens; the sequence was freed"
+                    ),
+                )
+            elif seq.status is Status.WAITING:
+                try:
+                    self.scheduler.resolve_adapter(seq)
+                except EngineError as error:
+                    self._fail(seq, error)
+
+    def _run_step(self, chunks: list[ScheduledChunk]) -> None:
+        built = build_step(chunks, self.base.device)
+        output = self.forward(built.batch)
+        self.steps += 1
+        tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
+        if output.prompt_hidden_sums is not None:
+            sums = output.prompt_hidden_sums.tolist()
+            for chunk, row in zip(built.pooled, sums, strict=True):
+                seq = chunk.seq
+                seq.prompt_hidden_sum = (
+                    row
+                    if seq.prompt_hidden_sum is None
+                    else [a + b for a, b in zip(seq.prompt_hidden_sum, row, strict=True)]
+                )
+        for chunk in built.chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+        for chunk, token, logprob in zip(built.sampled, tokens, logprobs, strict=True):
+            self._emit(chunk.seq, token, logprob)
+
+    def _emit(self, seq: Sequence, token: int, logprob: float) -> None:
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        seq.output_ids.append(token)
+        seq.sampler.observe(token)
+        seq.logprob_sum += logprob
+        reason: FinishReason | None = None
+        if token in seq.eos_ids:
+            reason = FinishReason.STOP
+            text = seq.stop.feed(seq.detokenizer.flush())
+        else:
+            text = seq.stop.feed(seq.detokenizer.push(token))
+            if seq.stop.stopped:
+                reason = FinishReason.STOP
+        if reason is None and len(seq.output_ids) >= seq.request.sampling.max_new_tokens:
+            reason = FinishReason.LENGTH
+            text += seq.stop.feed(seq.detokenizer.flush())
+        if reason is not None and not seq.stop.stopped:
+            text += seq.stop.flush()
+        delta = TokenDelta(text, (token,), (logprob,) if seq.request.sampling.logprobs else None)
+        if not seq.sink.push(delta):
+            self._fail(seq, Cancelled("the stream's reader stopped reading (backlog full or gone)"))
+            return
+        if reason is not None:
+            self._finish(seq, reason, now)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        self.scheduler.remove(seq, served=True)
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+        embedding = None
+        if seq.prompt_hidden_sum is not None:
+            count = len(seq.prompt_ids)
+            embedding = tuple(value / count for value in seq.prompt_hidden_sum)
+        seq.sink.push(
+            Finished(
+                finish_reason=reason,
+                usage=Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)),
+                timings=seq.timings(now),
+                adapter_id=seq.request.adapter_id or None,
+                adapter_version=seq.adapter.version if seq.adapter is not None else 0,
+                text=seq.stop.text,
+                mean_logprob=seq.logprob_sum / len(seq.output_ids) if seq.output_ids else None,
+                prompt_embedding=embedding,
+            )
+        )
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        if seq.status is not Status.FINISHED:
+            self.scheduler.remove(seq, served=False)
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+        seq.sink.fail(error)
+
+
+def describe(engine: Engine) -> dict[str, Any]:
+    """Facts about the running engine for logs and metadata endpoints."""
+    base = engine.base
+    return {
+        "base_model": base.name,
+        "model_type": base.shape.model_type,
+        "device": str(base.device),
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "quantization": base.quantization,
+        "lora_backend": engine.backend.value,
+        "kv_cache_tokens": engine.kv.capacity,
+        "torch_threads": torch.get_num_threads(),
+    }

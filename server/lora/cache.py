@@ -1,0 +1,451 @@
+"""Adapter lifecycle: ids and versions, loading from disk, the host LRU, device residency, pinning, unloading.
+
+Tiers: *disk* (a directory under an adapter root) → *host* (validated ``AdapterWeights`` in memory, LRU within
+``adapters.host_bytes``) → *device* (a slot in a :class:`DeviceSlots` pool, within ``adapters.device_slots`` and
+``adapters.device_bytes``). Reading from disk runs on loader threads, so a request whose adapter is not resident
+waits while every other request keeps generating.
+
+Versions: loaded weights are immutable. Loading an id whose files changed creates a new :class:`AdapterVersion`;
+running sequences keep the version they hold (reference counts), new requests get the new one, and the old
+version's slot is freed when its last sequence finishes. ``unload`` takes the id out of service (requests get
+AdapterNotFound until it is loaded again). Device placement and eviction happen on the engine thread only
+(between steps); everything else is safe from any thread under one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from loraplex.server.engine.errors import AdapterNotFound, AdapterRejected, EngineError, InvalidRequest
+from loraplex.server.engine.types import AdapterInfo, ResidencyTier
+from loraplex.server.lora import format as peft_format
+from loraplex.server.lora.format import AdapterLimits, AdapterWeights
+from loraplex.server.lora.pool import DeviceSlots, DoraScales, Placement
+from loraplex.server.lora.sources import (
+    AdapterDirectoryMissing,
+    AdapterOutsideRoot,
+    AdapterRoots,
+    InvalidAdapterId,
+    validate_adapter_id,
+)
+from loraplex.server.model.shape import ModelShape
+
+log = logging.getLogger(__name__)
+
+DoraScalesFn = Callable[[AdapterWeights], DoraScales | None]
+
+
+class Retired(StrEnum):
+    REPLACED = "replaced"
+    UNLOADED = "unloaded"
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One immutable version of an adapter and where it currently lives."""
+
+    adapter_id: str
+    version: int
+    content_hash: str
+    rank: int
+    target_modules: tuple[str, ...]
+    use_dora: bool
+    size_bytes: int
+    source_dir: Path
+    loaded_at: float
+    manifest: dict[str, Any] | None
+    weights: AdapterWeights | None = field(repr=False)
+    dora_scales: DoraScales | None = field(default=None, repr=False)
+    placement: Placement | None = field(default=None, repr=False)
+    refs: int = 0
+    requests_served: int = 0
+    last_used: float = 0.0
+    retired: Retired | None = None
+
+
+@dataclass(eq=False)
+class _Entry:
+    adapter_id: str
+    current: AdapterVersion | None = None
+    pinned: bool = False
+    unloaded: bool = False
+    loading: Future[AdapterVersion] | None = None
+    rejected: tuple[tuple[int, ...], EngineError] | None = None
+    next_version: int = 1
+
+
+def _files_signature(directory: Path) -> tuple[int, ...]:
+    parts: list[int] = []
+    for name in (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, peft_format.MANIFEST_FILE):
+        try:
+            stat = (directory / name).stat()
+            parts += [stat.st_mtime_ns, stat.st_size, stat.st_ino]
+        except OSError:
+            parts += [-1, -1, -1]
+    return tuple(parts)
+
+
+class AdapterManager:
+    """Registry + host LRU + device residency of all adapters."""
+
+    def __init__(
+        self,
+        roots: AdapterRoots,
+        shape: ModelShape,
+        limits: AdapterLimits,
+        slots: DeviceSlots,
+        host_bytes: int,
+        loader_threads: int,
+        base_fingerprint: str | None = None,
+        dora_scales_fn: DoraScalesFn | None = None,
+    ) -> None:
+        self.roots = roots
+        self.shape = shape
+        self.limits = limits
+        self.slots = slots
+        self.host_bytes = host_bytes
+        self.base_fingerprint = base_fingerprint
+        self._dora_scales_fn = dora_scales_fn
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._retired: list[AdapterVersion] = []
+        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
+        self._load_listeners: list[Callable[[], None]] = []
+
+    # ----------------------------------------------------------------------------------------------- lookups
+
+    def add_load_listener(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs (on a loader thread) after every finished load, to wake the engine."""
+        self._load_listeners.append(listener)
+
+    def _entry(self, adapter_id: str) -> _Entry:
+        entry = self._entries.get(adapter_id)
+        if entry is None:
+            entry = self._entries[adapter_id] = _Entry(adapter_id)
+        return entry
+
+    def _directory(self, adapter_id: str) -> Path:
+        try:
+            return self.roots.resolve(adapter_id)
+        except InvalidAdapterId as exc:
+            raise InvalidRequest(str(exc)) from exc
+        except AdapterOutsideRoot as exc:
+            raise AdapterRejected(str(exc)) from exc
+        except AdapterDirectoryMissing as exc:
+            raise AdapterNotFound(str(exc)) from exc
+
+    def lookup(self, adapter_id: str) -> Future[AdapterVersion]:
+        """The serving version of ``adapter_id``: done at once when in memory, else after a load from disk.
+
+        Raises InvalidRequest (bad id) or AdapterNotFound (no such directory, or unloaded) synchronously;
+        the future fails with AdapterRejected when the files cannot be served.
+        """
+        try:
+            validate_adapter_id(adapter_id)
+        except InvalidAdapterId as exc:
+            raise InvalidRequest(str(exc)) from exc
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is not None and entry.unloaded:
+                raise AdapterNotFound(f"adapter '{adapter_id}' was unloaded; load it again to serve it")
+            current = entry.current if entry is not None else None
+            if current is not None and (current.weights is not None or current.placement is not None):
+                done: Future[AdapterVersion] = Future()
+                done.set_result(current)
+                return done
+            if entry is not None and entry.loading is not None:
+                return entry.loading
+            directory = self._directory(adapter_id)
+            return self._start_load(self._entry(adapter_id), directory)
+
+    # ----------------------------------------------------------------------------------------------- loading
+
+    def _start_load(self, entry: _Entry, directory: Path) -> Future[AdapterVersion]:
+        signature = _files_signature(directory)
+        if entry.rejected is not None and entry.rejected[0] == signature:
+            failed: Future[AdapterVersion] = Future()
+            failed.set_exception(entry.rejected[1])
+            return failed
+        future: Future[AdapterVersion] = Future()
+        entry.loading = future
+        self._executor.submit(self._load, entry, directory, signature, future)
+        return future
+
+    def _read(self, adapter_id: str, directory: Path) -> tuple[AdapterWeights, DoraScales | None]:
+        weights = peft_format.read_adapter(adapter_id, directory, self.shape, self.limits, self.base_fingerprint)
+        if not self.slots.fits_at_all(weights):
+            raise peft_format.AdapterRejected(
+                adapter_id,
+                [
+                    f"needs {self.slots.slot_bytes(weights)} bytes of device memory, more than the whole adapter "
+                    f"budget of {self.slots.max_bytes} (adapters.device_bytes)"
+                ],
+            )
+        dora = self._dora_scales_fn(weights) if weights.use_dora and self._dora_scales_fn else None
+        return weights, dora
+
+    def _load(self, entry: _Entry, directory: Path, signature: tuple[int, ...], future: Future[AdapterVersion]) -> None:
+        started = time.perf_counter()
+        try:
+            weights, dora = self._read(entry.adapter_id, directory)
+        except peft_format.AdapterRejected as exc:
+            self._finish_load(entry, future, signature, error=AdapterRejected(str(exc)))
+        except Exception as exc:  # a loader thread must never die silently: the request gets the reason
+            log.exception("loading adapter %s failed", entry.adapter_id)
+            self._finish_load(
+                entry,
+                future,
+                signature,
+                error=AdapterRejected(f"adapter '{entry.adapter_id}' could not be loaded: {exc}"),
+            )
+        else:
+            self._finish_load(entry, future, signature, weights=weights, dora=dora)
+            log.info("loaded adapter %s in %.1f ms", entry.adapter_id, (time.perf_counter() - started) * 1e3)
+        for listener in self._load_listeners:
+            listener()
+
+    def _finish_load(
+        self,
+        entry: _Entry,
+        future: Future[AdapterVersion],
+        signature: tuple[int, ...],
+        weights: AdapterWeights | None = None,
+        dora: DoraScales | None = None,
+        error: EngineError | None = None,
+    ) -> None:
+        with self._lock:
+            if entry.loading is future:
+                entry.loading = None
+            if entry.unloaded:
+                error = AdapterNotFound(f"adapter '{entry.adapter_id}' was unloaded while it was loading")
+            if error is not None or weights is None:
+                assert error is not None
+                if isinstance(error, AdapterRejected):
+                    entry.rejected = (signature, error)
+                future.set_exception(error)
+                return
+            entry.rejected = None
+            version = self._install(entry, weights, dora)
+            self._trim_host()
+        future.set_result(version)
+
+    def _install(self, entry: _Entry, weights: AdapterWeights, dora: DoraScales | None) -> AdapterVersion:
+        current = entry.current
+        if current is not None and current.content_hash == weights.content_hash:
+            if current.weights is None and current.placement is None:
+                current.weights, current.dora_scales = weights, dora
+            return current
+        version = AdapterVersion(
+            adapter_id=entry.adapter_id,
+            version=entry.next_version,
+            content_hash=weights.content_hash,
+            rank=weights.rank,
+            target_modules=tuple(sorted(weights.target_modules)),
+            use_dora=weights.use_dora,
+            size_bytes=weights.nbytes,
+            source_dir=weights.source_dir,
+            loaded_at=time.time(),
+            manifest=dict(weights.manifest) if weights.manifest else None,
+            weights=weights,
+            dora_scales=dora,
+            last_used=time.monotonic(),
+        )
+        entry.next_version += 1
+        if current is not None:
+            self._retire(current, Retired.REPLACED)
+        entry.current = version
+        return version
+
+    def _retire(self, version: AdapterVersion, reason: Retired) -> None:
+        version.retired = reason
+        self._retired.append(version)
+        self._free_retired()
+
+    def _free_retired(self) -> None:
+        keep: list[AdapterVersion] = []
+        for version in self._retired:
+            if version.refs > 0:
+                keep.append(version)
+                continue
+            if version.placement is not None:
+                self.slots.release(version.placement)
+                version.placement = None
+            version.weights = None
+        self._retired = keep
+
+    def _trim_host(self) -> None:
+        held = [v for e in self._entries.values() if (v := e.current) is not None and v.weights is not None]
+        total = sum(v.size_bytes for v in held)
+        # Placed versions first (their device copy serves), then least recently used.
+        for version in sorted(held, key=lambda v: (v.placement is None, v.last_used)):
+            if total <= self.host_bytes:
+                break
+            if version.placement is None and version.refs > 0:
+                continue
+            version.weights = None
+            version.dora_scales = None
+            total -= version.size_bytes
+
+    # ------------------------------------------------------------------------------------- engine thread only
+
+    def acquire(self, version: AdapterVersion) -> None:
+        with self._lock:
+            version.refs += 1
+            version.last_used = time.monotonic()
+
+    def release(self, version: AdapterVersion, served: bool) -> None:
+        with self._lock:
+            version.refs -= 1
+            version.last_used = time.monotonic()
+            if served:
+                version.requests_served += 1
+            if version.retired is not None:
+                self._free_retired()
+
+    def make_resident(self, version: AdapterVersion) -> bool:
+        """Puts ``version`` in a device slot, evicting idle adapters if needed; False when it must wait."""
+        with self._lock:
+            if version.placement is not None:
+                version.last_used = time.monotonic()
+                return True
+            if version.weights is None or version.retired is not None:
+                return False
+            placement = self.slots.place(version.weights, version.dora_scales)
+            while placement is None:
+                if self.slots.shrink() == 0 and not self._evict_one():
+                    return False
+                placement = self.slots.place(version.weights, version.dora_scales)
+            version.placement = placement
+            version.last_used = time.monotonic()
+            return True
+
+    def _evict_one(self) -> bool:
+        candidates = [
+            entry.current
+            for entry in self._entries.values()
+            if entry.current is not None
+            and entry.current.placement is not None
+            and entry.current.refs == 0
+            and not entry.pinned
+        ]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda v: v.last_used)
+        assert victim.placement is not None
+        self.slots.release(victim.placement)
+        victim.placement = None
+        log.debug("evicted adapter %s v%d from the device", victim.adapter_id, victim.version)
+        return True
+
+    def place_pinned(self) -> None:
+        """Engine tick: pinned adapters that are in memory but not on the device get a slot if one can be made."""
+        with self._lock:
+            for entry in self._entries.values():
+                if entry.pinned and entry.current is not None and entry.current.placement is None:
+                    self.make_resident(entry.current)
+
+    # ------------------------------------------------------------------------------------------------ admin
+
+    def load(self, adapter_id: str, pin: bool | None = None) -> Future[AdapterVersion]:
+        """Reads the adapter's files again (a changed file makes a new version) and optionally (un)pins it."""
+        try:
+            validate_adapter_id(adapter_id)
+        except InvalidAdapterId as exc:
+            raise InvalidRequest(str(exc)) from exc
+        with self._lock:
+            directory = self._directory(adapter_id)
+            entry = self._entry(adapter_id)
+            if pin:
+                pinned = sum(1 for e in self._entries.values() if e.pinned and e is not entry)
+                if pinned + 1 >= self.slots.max_slots:
+                    raise InvalidRequest(
+                        f"cannot pin more than {self.slots.max_slots - 1} adapters (adapters.device_slots - 1 keeps "
+                        "one slot for unpinned traffic); unpin one first"
+                    )
+            entry.unloaded = False
+            if pin is not None:
+                entry.pinned = pin
+            if entry.loading is not None:
+                return entry.loading
+            entry.rejected = None
+            return self._start_load(entry, directory)
+
+    def unload(self, adapter_id: str) -> AdapterVersion:
+        """Takes the id out of service. Running sequences finish on their version; waiting ones fail."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None or entry.unloaded or (entry.current is None and entry.loading is None):
+                raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
+            entry.unloaded = True
+            entry.pinned = False
+            current = entry.current
+            entry.current = None
+            if current is None:
+                raise AdapterNotFound(f"adapter '{adapter_id}' was still loading; its load was abandoned")
+            self._retire(current, Retired.UNLOADED)
+            return current
+
+    def set_pinned(self, adapter_id: str, pinned: bool) -> None:
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None or entry.unloaded or entry.current is None:
+                raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
+            entry.pinned = pinned
+
+    def _tier(self, entry: _Entry, version: AdapterVersion) -> ResidencyTier:
+        if version.placement is not None:
+            return ResidencyTier.DEVICE
+        if version.weights is not None:
+            return ResidencyTier.HOST
+        return ResidencyTier.LOADING if entry.loading is not None else ResidencyTier.DISK
+
+    def _info(self, entry: _Entry, version: AdapterVersion) -> AdapterInfo:
+        return AdapterInfo(
+            adapter_id=version.adapter_id,
+            version=version.version,
+            content_hash=version.content_hash,
+            rank=version.rank,
+            target_modules=version.target_modules,
+            use_dora=version.use_dora,
+            size_bytes=version.size_bytes,
+            tier=self._tier(entry, version),
+            pinned=entry.pinned,
+            loaded_at=version.loaded_at,
+            requests_served=version.requests_served,
+            source_dir=str(version.source_dir),
+        )
+
+    def info(self, adapter_id: str) -> AdapterInfo:
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            if entry is None or entry.unloaded or entry.current is None:
+                raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
+            return self._info(entry, entry.current)
+
+    def infos(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [
+                self._info(entry, entry.current)
+                for entry in sorted(self._entries.values(), key=lambda e: e.adapter_id)
+                if entry.current is not None and not entry.unloaded
+            ]
+
+    def counts(self) -> tuple[int, int]:
+        """(adapters on the device, adapters with host weights)."""
+        with self._lock:
+            versions = [e.current for e in self._entries.values() if e.current is not None]
+            return (
+                sum(1 for v in versions if v.placement is not None),
+                sum(1 for v in versions if v.weights is not None),
+            )
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

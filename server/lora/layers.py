@@ -1,0 +1,44 @@
+"""LoRA-aware linear layers: a base linear (float, int8 or nf4) plus the batched deltas of the step's pools.
+
+The base module runs once over all rows; each pool segment whose pool targets this module adds its delta to its
+row range through the backend chosen at start-up. No probing of module types on the hot path: the wrapper knows its
+layer index, module name and bias at construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex.server.lora.mapping import LoraMapping
+from loraplex.server.lora.ops import LoraBackend, apply_dora
+
+
+class LoraLinear:
+    """``y = base(x)``, then for every pool segment targeting this module ``y[rows] += delta(x[rows])``."""
+
+    def __init__(self, base: nn.Module, layer: int, module: str, backend: LoraBackend) -> None:
+        self.base = base
+        self.layer = layer
+        self.module = module
+        self._delta = backend.delta
+        bias = getattr(base, "bias", None)
+        self.bias: torch.Tensor | None = bias if isinstance(bias, torch.Tensor) else None
+
+    def __call__(self, x: torch.Tensor, mapping: LoraMapping) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        for segment in mapping.segments:
+            pool = segment.pool
+            stacks_a = pool.a.get(self.module)
+            if stacks_a is None:
+                continue
+            rows = slice(segment.start, segment.end)
+            delta = self._delta(
+                x[rows], stacks_a[self.layer], pool.b[self.module][self.layer], segment.slots, segment.group_ends
+            )
+            if pool.key.dora:
+                scale = pool.dora[self.module][self.layer].index_select(0, segment.slots)
+                y[rows] = apply_dora(y[rows], delta, self.bias, scale)
+            else:
+                y[rows] += delta
+        return y

@@ -1,0 +1,63 @@
+"""The per-step LoRA mapping: which rows of the flat token batch use which pool slot.
+
+Built once per engine step and passed explicitly down the forward pass. The scheduler orders sequences by
+(pool, slot), so every pool's tokens form one contiguous row range, sorted by slot: exactly the layout the grouped
+matmuls in :mod:`loraplex.server.lora.ops` want. Rows outside every segment run the base model alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.server.lora.pool import SlotPool
+
+
+@dataclass(frozen=True)
+class LoraSegment:
+    pool: SlotPool
+    start: int  # first row of the pool's tokens in the step batch
+    end: int  # one past the last row
+    slots: torch.Tensor  # [end - start] long: slot of each row (non-decreasing)
+    group_ends: torch.Tensor  # [pool.capacity] int32: one past the last row (relative to start) of each slot
+
+
+@dataclass(frozen=True)
+class LoraMapping:
+    segments: tuple[LoraSegment, ...]
+
+    @classmethod
+    def build(cls, row_slots: Sequence[tuple[SlotPool, int, int]], device: torch.device) -> LoraMapping:
+        """``row_slots``: per LoRA row range ``(pool, slot, n_rows)`` in batch order, ranges already grouped by pool
+        and sorted by slot inside a pool; the ranges start at row 0 and are contiguous."""
+        segments: list[LoraSegment] = []
+        row = 0
+        index = 0
+        while index < len(row_slots):
+            pool = row_slots[index][0]
+            start = row
+            counts = [0] * pool.capacity
+            slots: list[int] = []
+            while index < len(row_slots) and row_slots[index][0] is pool:
+                _, slot, n_rows = row_slots[index]
+                counts[slot] += n_rows
+                slots.extend([slot] * n_rows)
+                row += n_rows
+                index += 1
+            ends = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+            segments.append(
+                LoraSegment(
+                    pool=pool,
+                    start=start,
+                    end=row,
+                    slots=torch.tensor(slots, dtype=torch.long, device=device),
+                    group_ends=ends.to(device),
+                )
+            )
+        return cls(tuple(segments))
+
+    @classmethod
+    def empty(cls) -> LoraMapping:
+        return cls(())

@@ -1,0 +1,1 @@
+"""The base model: locate and convert (GGUF → safetensors cache), load (optionally quantized), batched forward."""

@@ -1,0 +1,115 @@
+"""Loading the base model once: resolve the source, pick device and dtype, optionally quantize with bitsandbytes.
+
+``quantization``: ``none``, ``int8`` (LLM.int8) or ``nf4`` (4-bit NormalFloat, compute in the model dtype).
+bitsandbytes quantizes while loading from safetensors, so a GGUF source is converted first (see ``embedded``).
+Default: nf4 with bfloat16 compute on CUDA, none (float32) on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex.server.config import ModelSettings
+from loraplex.server.model.embedded import resolve_model_dir
+from loraplex.server.model.fingerprint import base_fingerprint
+from loraplex.server.model.shape import TARGET_MODULES, ModelShape
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedBase:
+    """The base model and what the rest of the server needs to know about it."""
+
+    model: Any  # a transformers *ForCausalLM, eval mode, no grads
+    tokenizer: Any
+    shape: ModelShape
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str
+    name: str
+    model_dir: Path
+    fingerprint: str
+    load_seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device={name} but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes warns on every int8 matmul on CPU that inputs are cast to float16; once is enough."""
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+
+def load_base(settings: ModelSettings) -> LoadedBase:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    quantization = settings.quantization or ("nf4" if device.type == "cuda" else "none")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model_dir = resolve_model_dir(settings.base_model, settings.cache_dir)
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization != "none":
+        quiet_bitsandbytes()
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quantization == "none":
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    layer = model.model.layers[0]
+    missing = [m for m in TARGET_MODULES if not hasattr(layer.self_attn, m) and not hasattr(layer.mlp, m)]
+    if missing:
+        raise ValueError(f"base model layers lack {missing}; loraplex needs a Llama-style decoder")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    fingerprint = base_fingerprint(shape, tokenizer, model.get_input_embeddings().weight)
+    elapsed = time.monotonic() - started
+    log.info("base model %s (%s, %s, %s) loaded in %.1f s", model_dir.name, device, dtype, quantization, elapsed)
+    return LoadedBase(
+        model=model,
+        tokenizer=tokenizer,
+        shape=shape,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        name=settings.base_model if settings.base_model == "embedded" else model_dir.name,
+        model_dir=model_dir,
+        fingerprint=fingerprint,
+        load_seconds=elapsed,
+    )

@@ -1,0 +1,1 @@
+"""loraplex-train: fine-tunes LoRA adapters that the loraplex server serves as-is."""
