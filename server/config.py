@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -129,17 +130,21 @@ def _sections() -> dict[str, type[_Section]]:
     return {name: field.annotation for name, field in Settings.model_fields.items()}  # type: ignore[misc]
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _field(dotted: str) -> FieldInfo:
     section, _, key = dotted.partition(".")
     if section not in _sections() or key not in _sections()[section].model_fields:
         raise SettingsError(f"unknown setting '{dotted}'")
+    return _sections()[section].model_fields[key]
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    _field(dotted)
+    section, _, key = dotted.partition(".")
     tree.setdefault(section, {})[key] = value
 
 
 def _is_sequence_field(dotted: str) -> bool:
-    section, _, key = dotted.partition(".")
-    annotation = str(_sections()[section].model_fields[key].annotation)
-    return annotation.startswith("tuple")
+    return str(_field(dotted).annotation).startswith("tuple")
 
 
 def _parse_scalar(dotted: str, raw: str) -> Any:

@@ -460,7 +460,7 @@ class Engine:
         if reason is not None and not seq.stop.stopped:
             text += seq.stop.flush()
         delta = TokenDelta(text, (token,), (logprob,) if seq.request.sampling.logprobs else None)
-        if not seq.sink.push(delta):
+        if not self._push(seq, delta):
             self._fail(seq, Cancelled("the stream's reader stopped reading (backlog full or gone)"))
             return
         if reason is not None:
@@ -474,7 +474,8 @@ class Engine:
         if seq.prompt_hidden_sum is not None:
             count = len(seq.prompt_ids)
             embedding = tuple(value / count for value in seq.prompt_hidden_sum)
-        seq.sink.push(
+        self._push(
+            seq,
             Finished(
                 finish_reason=reason,
                 usage=Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)),
@@ -484,7 +485,7 @@ class Engine:
                 text=seq.stop.text,
                 mean_logprob=seq.logprob_sum / len(seq.output_ids) if seq.output_ids else None,
                 prompt_embedding=embedding,
-            )
+            ),
         )
 
     def _fail(self, seq: Sequence, error: EngineError) -> None:
@@ -492,7 +493,18 @@ class Engine:
             self.scheduler.remove(seq, served=False)
         with self._lock:
             self._live.pop(seq.request_id, None)
-        seq.sink.fail(error)
+        try:
+            seq.sink.fail(error)
+        except Exception:  # a broken sink must not break the engine
+            log.exception("event sink of %s failed", seq.request_id)
+
+    @staticmethod
+    def _push(seq: Sequence, event: GenerationEvent) -> bool:
+        try:
+            return seq.sink.push(event)
+        except Exception:  # a broken sink must not break the engine; the request is cancelled instead
+            log.exception("event sink of %s failed", seq.request_id)
+            return False
 
 
 def describe(engine: Engine) -> dict[str, Any]:

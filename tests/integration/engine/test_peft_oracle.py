@@ -1,0 +1,202 @@
+"""PEFT is the oracle: adapters of mixed ranks and targets, plus base rows, in one batch give PEFT's answers.
+
+Each request's greedy tokens must equal ``PeftModel.generate`` with that adapter alone, and its logits must stay
+within 1e-3 (fp32) of PEFT's, at the forward level (one mixed prefill batch) and along the whole generation
+(per-token log-probabilities).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from loraplex.server.engine.kv_cache import KVCache
+from loraplex.server.engine.types import ChatMessage, GenerationRequest, SamplingParams
+from loraplex.server.lora.format import AdapterLimits, read_adapter
+from loraplex.server.lora.mapping import LoraMapping
+from loraplex.server.lora.ops import LoraBackend
+from loraplex.server.lora.pool import DeviceSlots
+from loraplex.server.model.dora import dora_scales_for
+from loraplex.server.model.forward import DecoderForward, SequenceSpan, StepBatch
+from loraplex.server.model.loader import LoadedBase
+from tests.integration.engine.conftest import run_all
+from tests.support.adapters import ALL_LINEAR, QV, write_adapter
+
+# name -> write_adapter keyword arguments: ranks 4..64, q,v and all-linear, rsLoRA, patterns, layer subsets, DoRA
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "qv-r4": {"rank": 4, "targets": QV, "strength": 2.0},
+    "qv-r8": {"rank": 8, "targets": QV, "strength": 2.0},
+    "all-r16": {"rank": 16, "targets": ALL_LINEAR},
+    "all-r64": {"rank": 64, "targets": ALL_LINEAR, "strength": 0.7},
+    "attn-r32-rslora": {
+        "rank": 32,
+        "targets": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "use_rslora": True,
+        "alpha": 8,
+    },
+    "mlp-r8-patterns": {
+        "rank": 8,
+        "targets": ("gate_proj", "up_proj", "down_proj"),
+        "rank_pattern": {"down_proj": 4},
+        "alpha_pattern": {"up_proj": 32},
+    },
+    "qv-r16-layers": {"rank": 16, "targets": QV, "layers": list(range(0, 30, 2)), "strength": 3.0},
+    "all-r12": {"rank": 12, "targets": ALL_LINEAR},
+    "qv-r8-dora": {"rank": 8, "targets": QV, "use_dora": True, "strength": 2.0},
+}
+PROMPTS = [
+    "Name a planet.",
+    "Write one word about rain.",
+    "What is 7 times 6?",
+    "Give me a color.",
+    "Say hello in French.",
+    "Describe a cat in three words.",
+    "What do bees make?",
+    "Count to three.",
+    "What is the opposite of hot?",
+    "Name a fruit.",
+    "What is ice made of?",
+]
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory, base: LoadedBase) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
+        write_adapter(root / name, base.shape, seed=seed, **kwargs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def peft_model(base: LoadedBase, base_dir: str, adapter_root: Path) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    names = list(ADAPTERS)
+    peft = PeftModel.from_pretrained(model, adapter_root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(adapter_root / name, adapter_name=name)
+    peft.eval()
+    return peft
+
+
+def _peft_generate(peft: Any, adapter: str | None, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        if adapter is None:
+            with peft.disable_adapter():
+                out = peft.generate(
+                    input_ids=input_ids,
+                    max_new_tokens=MAX_NEW,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+        else:
+            peft.set_adapter(adapter)
+            out = peft.generate(
+                input_ids=input_ids,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
+    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)]
+    return tokens, logprobs
+
+
+def _peft_logits(peft: Any, adapter: str | None, prompt_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        if adapter is None:
+            with peft.disable_adapter():
+                return peft(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
+        peft.set_adapter(adapter)
+        return peft(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+def test_adapters_change_the_output(base: LoadedBase, peft_model: Any) -> None:
+    """Guards the oracle test itself: if adapters did nothing, equality with PEFT would prove nothing."""
+    ids = base.tokenizer(PROMPTS[0])["input_ids"]
+    base_logits = _peft_logits(peft_model, None, ids)
+    for name in ADAPTERS:
+        assert (_peft_logits(peft_model, name, ids) - base_logits).abs().max() > 0.5, name
+
+
+def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: Path, peft_model: Any) -> None:
+    """One forward pass over 9 adapters + 2 base rows: every row's last-token logits within 1e-3 of PEFT's."""
+    shape = base.shape
+    slots = DeviceSlots(shape, max_slots=16, max_bytes=8 << 30, dtype=base.dtype, device=base.device)
+    kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, 4096, base.dtype, base.device)
+    forward = DecoderForward(base, kv, LoraBackend.GROUPED)
+    limits = AdapterLimits(max_rank=128, max_file_bytes=1 << 30)
+    names: list[str | None] = [*ADAPTERS, None, None]
+    placements = {}
+    for name in ADAPTERS:
+        weights = read_adapter(name, adapter_root / name, shape, limits, base.fingerprint)
+        placements[name] = slots.place(weights, dora_scales_for(base, weights))
+    rows = sorted(
+        zip(names, PROMPTS, strict=True),
+        key=lambda r: (r[0] is None, id(placements[r[0]].pool) if r[0] else 0, placements[r[0]].slot if r[0] else 0),
+    )
+    ids, positions, cache_index, spans, last, lora_rows = [], [], [], [], [], []
+    for name, prompt in rows:
+        prompt_ids = base.tokenizer(prompt)["input_ids"]
+        region = kv.allocator.allocate(len(prompt_ids))
+        assert region is not None
+        spans.append(SequenceSpan(len(ids), len(ids) + len(prompt_ids), region.start, 0))
+        ids += prompt_ids
+        positions += range(len(prompt_ids))
+        cache_index += range(region.start, region.end)
+        last.append(len(ids) - 1)
+        if name is not None:
+            lora_rows.append((placements[name].pool, placements[name].slot, len(prompt_ids)))
+    batch = StepBatch(
+        torch.tensor(ids),
+        torch.tensor(positions),
+        torch.tensor(cache_index),
+        tuple(spans),
+        torch.tensor(last),
+        LoraMapping.build(lora_rows, base.device),
+    )
+    logits = forward(batch).logits
+    assert len({p.pool.key for p in placements.values()}) >= 5  # really several pools in one pass
+    for row, (name, prompt) in enumerate(rows):
+        want = _peft_logits(peft_model, name, base.tokenizer(prompt)["input_ids"])
+        diff = (logits[row] - want).abs().max().item()
+        assert diff <= 1e-3, f"{name}: max |logit diff| {diff}"
+
+
+def test_engine_mixed_batch_generates_peft_tokens(
+    engine_factory, base: LoadedBase, adapter_root: Path, peft_model: Any
+) -> None:
+    engine = engine_factory([adapter_root], engine={"max_running": 16, "max_batch_tokens": 2048})
+    names: list[str | None] = [*ADAPTERS, None, None]
+    for name in ADAPTERS:  # adapters resident first, so every request joins the very first step
+        engine.load_adapter(name).result()
+    requests = [
+        GenerationRequest(
+            request_id=f"r{i}",
+            messages=(ChatMessage("user", prompt),),
+            adapter_id=name,
+            sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True),
+        )
+        for i, (name, prompt) in enumerate(zip(names, PROMPTS, strict=True))
+    ]
+    steps_before = engine.steps
+    outcomes = run_all(engine, requests)
+    assert engine.steps - steps_before <= MAX_NEW + 2, "requests did not share batches"
+    for name, prompt, outcome in zip(names, PROMPTS, outcomes, strict=True):
+        assert outcome.error is None, outcome.error
+        prompt_ids = engine.tokenize(messages=(ChatMessage("user", prompt),))
+        want_tokens, want_logprobs = _peft_generate(peft_model, name, prompt_ids)
+        assert outcome.token_ids == want_tokens, f"{name}: {outcome.text!r}"
+        assert max(abs(a - b) for a, b in zip(outcome.logprobs, want_logprobs, strict=True)) <= 1e-3
+        assert outcome.finished is not None
+        assert outcome.finished.adapter_version == (1 if name else 0)
+        assert outcome.finished.usage.completion_tokens == len(want_tokens)
+        assert outcome.text == base.tokenizer.decode(want_tokens, skip_special_tokens=True)
