@@ -49,6 +49,13 @@ lint: venv-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Regenerates protos/gen (the committed loraplex.proto package) from protos/**/*.proto; check-protos only compares.
+protos: venv-dev
+	$(BIN)/python protos/generate.py
+
+check-protos: venv-dev
+	$(BIN)/python protos/generate.py --check
+
 bench: venv-dev model
 	$(BIN)/python loadtests/bench_engine.py --quick
 
