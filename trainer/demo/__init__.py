@@ -1,0 +1,1 @@
+"""Demo tasks and the adapters trained on them: ``python -m loraplex.trainer.demo`` rebuilds ``adapters/``."""
