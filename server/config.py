@@ -11,6 +11,7 @@ Every limit the server enforces lives in this module with its default. Sources, 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,16 @@ def default_cache_dir() -> Path:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "loraplex"
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ModelSettings(_Section):
@@ -78,17 +89,50 @@ class EngineSettings(_Section):
     max_stop_length: int = Field(256, ge=1, description="characters per stop string")
     max_stream_backlog: int = Field(1024, ge=1, description="undelivered events before a slow reader is cancelled")
     idle_poll_s: float = Field(0.05, gt=0, description="how long the idle engine loop sleeps between inbox checks")
+    attention: Literal["auto", "per_sequence", "gathered"] = Field(
+        "auto",
+        description="decode attention: per_sequence reads each KV region in place (fastest on CPU); gathered "
+        "batches all decode rows into one call (fewer launches on CUDA); auto picks by device",
+    )
 
 
 class ServerSettings(_Section):
-    """Network endpoints and transport limits (used by the API layer)."""
+    """Network endpoints, TLS and transport limits (used by the API layer)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address the gRPC server binds; not loopback needs auth (see auth)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = pick a free one (logged at start-up)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="HTTP /metrics port; 0 = pick a free one")
-    max_message_bytes: int = Field(4 * MIB, ge=1024)
-    max_concurrent_streams: int = Field(1024, ge=1)
-    grace_period_s: float = Field(30.0, ge=0)
+    max_message_bytes: int = Field(4 * MIB, ge=1024, description="largest gRPC message received or sent")
+    max_concurrent_streams: int = Field(
+        1024, ge=1, description="generation RPCs in flight at once; more get RESOURCE_EXHAUSTED at once"
+    )
+    default_max_new_tokens: int = Field(128, ge=1, description="max_new_tokens of a request that sets none")
+    grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with tls_key_file turns TLS on")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle that verifies client certificates")
+    tls_require_client_cert: bool = Field(False, description="mutual TLS: refuse clients without a valid cert")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("server.tls_client_ca_file needs TLS: set server.tls_cert_file and tls_key_file")
+        if self.tls_require_client_cert and self.tls_client_ca_file is None:
+            raise ValueError("server.tls_require_client_cert needs server.tls_client_ca_file to verify clients")
+        return self
+
+
+class AuthSettings(_Section):
+    """Bearer-token auth of the gRPC API (off when no tokens file is set)."""
+
+    tokens_file: Path | None = Field(
+        None, description="YAML: token -> {tenant, adapters: [globs], routes: [globs], admin: bool}; unset = no auth"
+    )
+    allow_remote_without_auth: bool = Field(
+        False, description="serve a non-loopback server.host without tokens (only behind a trusted proxy)"
+    )
 
 
 class Settings(_Section):
@@ -98,6 +142,20 @@ class Settings(_Section):
     adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @model_validator(mode="after")
+    def _check_remote_auth(self) -> Settings:
+        if (
+            not is_loopback(self.server.host)
+            and self.auth.tokens_file is None
+            and not self.auth.allow_remote_without_auth
+        ):
+            raise ValueError(
+                f"server.host {self.server.host} is reachable from other machines but auth is off: set "
+                "auth.tokens_file, or auth.allow_remote_without_auth=true behind a trusted proxy"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Settings:

@@ -1,0 +1,5 @@
+"""The gRPC API: loraplex.v1 and Open Inference Protocol servicers, health, reflection, auth and error mapping.
+
+The only server code that imports the generated protobuf modules (``loraplex.proto``); it converts protobuf to the
+engine's value types and back and never touches tensors.
+"""

@@ -1,0 +1,269 @@
+"""The Open Inference Protocol v2 servicer (package ``inference``), with Triton's decoupled streaming and model
+repository extensions mapped onto loraplex: a model is "base", an adapter id or a route.
+
+ModelStreamInfer is decoupled: each request on the stream runs concurrently, every token chunk is one response
+carrying ``text_output`` and the parameter ``triton_final_response`` (false), and the last response of a request
+has ``triton_final_response`` true, its finish reason and token counts (and no outputs when the client asked for
+``triton_enable_empty_final_response``). A failed request gets a response with ``error_message``; the stream stays
+open for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import loraplex
+from loraplex.proto.inference import grpc_service_pb2 as oip
+from loraplex.proto.inference import grpc_service_pb2_grpc as oip_grpc
+from loraplex.server.api import oip_tensors
+from loraplex.server.api.adapters import load_adapter, unload_adapter
+from loraplex.server.api.auth import BASE_MODEL, current_tenant
+from loraplex.server.api.errors import status_of
+from loraplex.server.api.generation import deadline_of, request_id_of
+from loraplex.server.api.state import Context, ServingState
+from loraplex.server.api.targets import Target, resolve_model
+from loraplex.server.engine.errors import AdapterNotFound, InternalError, InvalidRequest
+from loraplex.server.engine.types import Finished, GenerationRequest, ResidencyTier, TokenDelta
+from loraplex.server.lora.sources import AdapterRoots
+
+BASE_VERSION = "1"
+PLATFORM = "loraplex"
+EXTENSIONS = ("model_repository", "parameters")
+FINAL = "triton_final_response"
+EMPTY_FINAL = "triton_enable_empty_final_response"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    request: GenerationRequest
+    target: Target
+    model_name: str
+    client_id: str  # the request's own id, echoed in its responses
+    output_shape: list[int]
+    stream: bool | None
+
+
+def _set_parameter(parameters: MutableMapping[str, oip.InferParameter], name: str, value: bool | int | str) -> None:
+    parameter = parameters[name]
+    if isinstance(value, bool):
+        parameter.bool_param = value
+    elif isinstance(value, int):
+        parameter.int64_param = value
+    else:
+        parameter.string_param = value
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: ServingState) -> None:
+        self._state = state
+        self._roots = AdapterRoots.of(state.settings.adapters.roots)
+
+    # ------------------------------------------------------------------------------------------ health, metadata
+
+    async def ServerLive(self, request: oip.ServerLiveRequest, context: Context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: oip.ServerReadyRequest, context: Context) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._state.ready)
+
+    async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: Context) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=PLATFORM, version=loraplex.__version__, extensions=EXTENSIONS)
+
+    def _served_version(self, target: Target) -> str:
+        """The version now served for ``target``; AdapterNotFound when the adapter is not loaded."""
+        if target.adapter_id is None:
+            return BASE_VERSION
+        return str(self._state.engine().adapter_info(target.adapter_id).version)
+
+    def _check_version(self, target: Target, model_name: str, version: str) -> None:
+        if version and version != (served := self._served_version(target)):
+            raise AdapterNotFound(f"model '{model_name}' version {version} is not served (it serves version {served})")
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context: Context) -> oip.ModelReadyResponse:
+        target = resolve_model(current_tenant(), request.name)
+        if not self._state.ready:
+            return oip.ModelReadyResponse(ready=False)
+        if target.adapter_id is None:
+            return oip.ModelReadyResponse(ready=request.version in ("", BASE_VERSION))
+        try:
+            info = self._state.engine().adapter_info(target.adapter_id)
+        except AdapterNotFound:
+            return oip.ModelReadyResponse(ready=False)
+        ready = info.tier is not ResidencyTier.LOADING and request.version in ("", str(info.version))
+        return oip.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Context) -> oip.ModelMetadataResponse:
+        target = resolve_model(current_tenant(), request.name)
+        self._check_version(target, request.name, request.version)
+        tensor = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=request.name,
+            versions=[self._served_version(target)],
+            platform=PLATFORM,
+            inputs=[tensor(name=n, datatype=d, shape=s) for n, (d, s, _) in oip_tensors.LLM_INPUTS.items()],
+            outputs=[tensor(name=oip_tensors.TEXT_OUTPUT, datatype="BYTES", shape=[-1])],
+        )
+
+    # ------------------------------------------------------------------------------------------------ inference
+
+    def _prepare(self, request: oip.ModelInferRequest, context: Context) -> _Prepared:
+        target = resolve_model(current_tenant(), request.model_name)
+        if request.model_version:
+            self._check_version(target, request.model_name, request.model_version)
+        unknown = [output.name for output in request.outputs if output.name != oip_tensors.TEXT_OUTPUT]
+        if unknown:
+            raise InvalidRequest(f"unknown requested outputs {unknown}; the only output is '{oip_tensors.TEXT_OUTPUT}'")
+        llm = oip_tensors.llm_request(
+            oip_tensors.decode_inputs(request),
+            request.parameters,
+            self._state.settings.server.default_max_new_tokens,
+        )
+        shape = next(list(t.shape) for t in request.inputs if t.name == oip_tensors.TEXT_INPUT)
+        engine_request = GenerationRequest(
+            request_id=request_id_of(request.id),
+            prompt=llm.prompt,
+            adapter_id=target.adapter_id,
+            sampling=llm.sampling,
+            deadline=deadline_of(context),
+        )
+        return _Prepared(engine_request, target, request.model_name, request.id, shape, llm.stream)
+
+    @staticmethod
+    def _chunk(prepared: _Prepared, text: str) -> oip.ModelInferResponse:
+        response = oip.ModelInferResponse(model_name=prepared.model_name, id=prepared.client_id)
+        tensor, raw = oip_tensors.text_output(text, prepared.output_shape)
+        response.outputs.append(tensor)
+        response.raw_output_contents.append(raw)
+        return response
+
+    @classmethod
+    def _final(cls, prepared: _Prepared, text: str, finished: Finished) -> oip.ModelInferResponse:
+        response = cls._chunk(prepared, text)
+        response.model_version = str(finished.adapter_version) if prepared.target.adapter_id else BASE_VERSION
+        _set_parameter(response.parameters, "finish_reason", finished.finish_reason.value)
+        _set_parameter(response.parameters, "prompt_tokens", finished.usage.prompt_tokens)
+        _set_parameter(response.parameters, "completion_tokens", finished.usage.completion_tokens)
+        return response
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
+        prepared = self._prepare(request, context)
+        text: list[str] = []
+        async with aclosing(self._state.generate(prepared.request)) as events:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    text.append(event.text)
+                else:
+                    return self._final(prepared, "".join(text), event)
+        raise InternalError("the generation ended without a result")
+
+    async def _stream_one(
+        self, request: oip.ModelInferRequest, context: Context, out: asyncio.Queue[oip.ModelStreamInferResponse | None]
+    ) -> None:
+        """Runs one request of a stream, putting its responses (or its error) on ``out``."""
+        try:
+            prepared = self._prepare(request, context)
+            empty_final = EMPTY_FINAL in request.parameters and request.parameters[EMPTY_FINAL].bool_param
+            text: list[str] = []
+            async with aclosing(self._state.generate(prepared.request)) as events:
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        if prepared.stream is False:
+                            text.append(event.text)
+                        elif event.text:
+                            chunk = self._chunk(prepared, event.text)
+                            _set_parameter(chunk.parameters, FINAL, False)
+                            await out.put(oip.ModelStreamInferResponse(infer_response=chunk))
+                        continue
+                    last = self._final(prepared, "".join(text), event)
+                    if empty_final:
+                        del last.outputs[:]
+                        del last.raw_output_contents[:]
+                    _set_parameter(last.parameters, FINAL, True)
+                    await out.put(oip.ModelStreamInferResponse(infer_response=last))
+        except Exception as exc:
+            code, message = status_of(exc)
+            failed = oip.ModelInferResponse(model_name=request.model_name, id=request.id)
+            _set_parameter(failed.parameters, FINAL, True)
+            await out.put(oip.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=failed))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: Context
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        out: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue(
+            maxsize=self._state.settings.engine.max_stream_backlog
+        )
+        tasks: set[asyncio.Task[None]] = set()
+        failures: list[Exception] = []
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(self._stream_one(request, context, out))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.wait(set(tasks))
+            except Exception as exc:  # the request stream broke: end the call with its error
+                failures.append(exc)
+            await out.put(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await out.get()) is not None:
+                yield response
+            if failures:
+                raise failures[0]
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # ------------------------------------------------------------------------------------------------ repository
+
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: Context
+    ) -> oip.RepositoryIndexResponse:
+        tenant = current_tenant()
+        loaded = {info.adapter_id: info for info in self._state.engine().list_adapters()}
+        on_disk = await asyncio.to_thread(lambda: list(self._roots.discover()))
+        index = oip.RepositoryIndexResponse.ModelIndex
+        models = [index(name=BASE_MODEL, version=BASE_VERSION, state="READY")] if tenant.may_use_adapter(None) else []
+        for adapter_id in sorted(set(loaded) | set(on_disk)):
+            if not tenant.may_use_adapter(adapter_id):
+                continue
+            info = loaded.get(adapter_id)
+            if info is None:
+                models.append(index(name=adapter_id, state="UNAVAILABLE", reason="not loaded (loads on first use)"))
+            else:
+                state = "LOADING" if info.tier is ResidencyTier.LOADING else "READY"
+                models.append(index(name=adapter_id, version=str(info.version), state=state))
+        if request.ready:
+            models = [model for model in models if model.state == "READY"]
+        return oip.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: Context
+    ) -> oip.RepositoryModelLoadResponse:
+        target = resolve_model(current_tenant(), request.model_name)
+        unknown = sorted(set(request.parameters) - {"pin"})
+        if unknown:
+            raise InvalidRequest(
+                f"unsupported load parameters {unknown}: adapters load from the server's adapter roots; the only "
+                "parameter is the bool 'pin'"
+            )
+        pin = request.parameters["pin"].bool_param if "pin" in request.parameters else None
+        if target.adapter_id is not None:
+            await load_adapter(self._state, current_tenant(), target.adapter_id, pin)
+        return oip.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: Context
+    ) -> oip.RepositoryModelUnloadResponse:
+        target = resolve_model(current_tenant(), request.model_name)
+        if target.adapter_id is None:
+            raise InvalidRequest(f"the base model '{BASE_MODEL}' cannot be unloaded")
+        unload_adapter(self._state, current_tenant(), target.adapter_id)
+        return oip.RepositoryModelUnloadResponse()
