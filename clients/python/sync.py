@@ -1,0 +1,131 @@
+"""``Client``: the blocking loraplex client (generation, chat, tokenize, adapter admin, status, health)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex.client import messages
+from loraplex.client.base import ClientBase
+from loraplex.client.errors import error_from
+from loraplex.client.retry import NO_RETRIES, RetryPolicy
+from loraplex.client.types import (
+    Adapter,
+    ChatMessage,
+    GenerateOptions,
+    Generation,
+    ServerStatus,
+    StreamChunk,
+    Tokenization,
+)
+from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
+
+
+class Client(ClientBase):
+    """A connection to one loraplex server; thread-safe; close it (or use ``with``) when done.
+
+    Every call has a deadline (``timeout`` seconds, per call or the client's default) and is retried with backoff
+    while the server answers UNAVAILABLE; failures raise the ``loraplex.client.errors`` exception of their code.
+    """
+
+    def _bind(self) -> None:
+        self._channel = self.connection.channel()
+        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self._server = server_pb2_grpc.ServerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(
+        self, method: Callable[..., Any], request: Any, timeout: float | None, retry: RetryPolicy | None = None
+    ) -> Any:
+        attempts = self._attempts(timeout, retry)
+        while True:
+            try:
+                return method(request, timeout=attempts.remaining(), metadata=self.connection.metadata())
+            except grpc.RpcError as error:
+                time.sleep(attempts.after(error))
+
+    def _stream(self, request: Any, timeout: float | None) -> Iterator[StreamChunk]:
+        """Streams; retries only until the first message arrives; closing the iterator early cancels the call."""
+        attempts = self._attempts(timeout)
+        while True:
+            call = self._generation.GenerateStream(
+                request, timeout=attempts.remaining(), metadata=self.connection.metadata()
+            )
+            try:
+                first = next(call, None)
+                break
+            except grpc.RpcError as error:
+                time.sleep(attempts.after(error))
+        try:
+            if first is not None:
+                yield messages.stream_chunk(first)
+            for message in call:
+                yield messages.stream_chunk(message)
+        except grpc.RpcError as error:
+            raise error_from(error) from None
+        finally:
+            call.cancel()
+
+    # ------------------------------------------------------------------------------------------------- generation
+
+    def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Generation:
+        request = messages.generate_request(prompt, None, options)
+        return messages.generation(self._call(self._generation.Generate, request, options.get("timeout")))
+
+    def stream(self, prompt: str, **options: Unpack[GenerateOptions]) -> Iterator[StreamChunk]:
+        return self._stream(messages.generate_request(prompt, None, options), options.get("timeout"))
+
+    def chat(self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]) -> Generation:
+        request = messages.generate_request(None, chat, options)
+        return messages.generation(self._call(self._generation.Generate, request, options.get("timeout")))
+
+    def chat_stream(self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]) -> Iterator[StreamChunk]:
+        return self._stream(messages.generate_request(None, chat, options), options.get("timeout"))
+
+    def tokenize(
+        self, prompt: str | None = None, chat: Sequence[ChatMessage] | None = None, timeout: float | None = None
+    ) -> Tokenization:
+        request = messages.tokenize_request(prompt, chat)
+        return messages.tokenization(self._call(self._generation.Tokenize, request, timeout))
+
+    # ---------------------------------------------------------------------------------------------------- admin
+
+    def list_adapters(self, timeout: float | None = None) -> list[Adapter]:
+        response = self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(), timeout)
+        return [messages.adapter(a) for a in response.adapters]
+
+    def get_adapter(self, adapter_id: str, timeout: float | None = None) -> Adapter:
+        request = adapters_pb2.GetAdapterRequest(adapter_id=adapter_id)
+        return messages.adapter(self._call(self._adapters.GetAdapter, request, timeout))
+
+    def load_adapter(self, adapter_id: str, pin: bool | None = None, timeout: float | None = None) -> Adapter:
+        request = messages.load_request(adapter_id, pin)
+        return messages.adapter(self._call(self._adapters.LoadAdapter, request, timeout))
+
+    def unload_adapter(self, adapter_id: str, timeout: float | None = None) -> None:
+        self._call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id), timeout)
+
+    def status(self, timeout: float | None = None) -> ServerStatus:
+        return messages.server_status(self._call(self._server.GetStatus, server_pb2.GetStatusRequest(), timeout))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The health status of the server ("") or one service: SERVING, NOT_SERVING, ... (no retries)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return messages.health_status(self._call(self._health.Check, request, timeout, NO_RETRIES))
