@@ -1,0 +1,98 @@
+"""The real ``loraplex-server`` as a child process on a free loopback port, for integration tests and benchmarks.
+
+The server binds port 0 and logs ``listening on HOST:PORT``; its log goes to a file (never a pipe nobody reads).
+``start`` returns once the log says ``serving`` (or, with ``wait="listening"``, as soon as the port is bound).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+_LISTENING = re.compile(r"listening on (\S+):(\d+) ")
+START_TIMEOUT_S = 180.0  # the base model loads in seconds, but a busy 2-core machine can take much longer
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or did not reach the awaited state; the message ends with its log."""
+
+
+class ServerProcess:
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+        self.port = 0
+
+    @classmethod
+    def start(
+        cls,
+        log_path: Path,
+        adapter_roots: Sequence[Path],
+        *flags: str,
+        wait: str = "serving",
+        timeout: float = START_TIMEOUT_S,
+    ) -> ServerProcess:
+        """Starts ``python -m loraplex.server.main`` with the adapter roots and extra ``flags``."""
+        command = [sys.executable, "-m", "loraplex.server.main", "--port", "0", "--metrics-port", "0"]
+        for root in adapter_roots:
+            command += ["--adapter-root", str(root)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log_path.open("wb") as log:
+            process = subprocess.Popen([*command, *flags], stdout=log, stderr=subprocess.STDOUT, env=env)
+        server = cls(process, log_path)
+        try:
+            server.port = int(server.wait_for_log(_LISTENING, timeout).group(2))
+            if wait == "serving":
+                server.wait_for_log(re.compile(r"loraplex\.server: serving"), timeout)
+        except BaseException:
+            server.kill()
+            raise
+        return server
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: re.Pattern[str], timeout: float = START_TIMEOUT_S) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = pattern.search(self.log())
+            if found:
+                return found
+            if self.process.poll() is not None:
+                raise ServerFailed(f"the server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+        raise ServerFailed(f"no '{pattern.pattern}' in the server log after {timeout:.0f} s:\n{self.log()[-4000:]}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 120.0) -> int:
+        """Sends ``signum`` and waits for the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise ServerFailed(f"the server did not exit within {timeout:.0f} s of signal {signum}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.kill()

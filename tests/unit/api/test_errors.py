@@ -1,0 +1,39 @@
+"""One mapping from errors to status codes: every engine error and API error has its code and keeps its message."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from loraplex.server.api.errors import PermissionDenied, RouteNotFound, Unauthenticated, status_of
+from loraplex.server.engine import errors as engine
+
+CASES = [
+    (engine.InvalidRequest("bad top_p"), grpc.StatusCode.INVALID_ARGUMENT),
+    (engine.AdapterNotFound("no such adapter"), grpc.StatusCode.NOT_FOUND),
+    (engine.AdapterRejected("rank too large"), grpc.StatusCode.FAILED_PRECONDITION),
+    (engine.Overloaded("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (engine.DeadlineExceeded("too late"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (engine.Cancelled("gone"), grpc.StatusCode.CANCELLED),
+    (engine.ShuttingDown("draining"), grpc.StatusCode.UNAVAILABLE),
+    (engine.InternalError("step failed"), grpc.StatusCode.INTERNAL),
+    (Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied("not yours"), grpc.StatusCode.PERMISSION_DENIED),
+    (RouteNotFound("unknown route 'x'"), grpc.StatusCode.NOT_FOUND),
+]
+
+
+@pytest.mark.parametrize(("error", "code"), CASES, ids=lambda v: type(v).__name__)
+def test_each_error_has_its_code_and_message(error: Exception, code: grpc.StatusCode) -> None:
+    assert status_of(error) == (code, str(error))
+
+
+def test_every_engine_error_is_mapped() -> None:
+    mapped = {type(error) for error, _ in CASES}
+    assert set(engine.EngineError.__subclasses__()) <= mapped
+
+
+def test_unexpected_errors_are_internal_without_their_text(caplog: pytest.LogCaptureFixture) -> None:
+    code, message = status_of(KeyError("secret internals"))
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in message and "KeyError" in message
+    assert "unexpected error" in caplog.text
