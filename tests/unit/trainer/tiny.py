@@ -13,7 +13,11 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 
 def make_tiny_base(directory: Path, tokenizer_dir: str, seed: int = 0, layers: int = 2) -> Path:
-    """A 2-layer Llama (hidden 64) with the embedded base's tokenizer and chat template, saved as safetensors."""
+    """A 2-layer Llama (hidden 64) with the embedded base's tokenizer and chat template, saved as safetensors.
+
+    No ``pad_token_id`` in the config: it would zero the embedding row of EOS (= pad), which is tied to the
+    output layer, and no adapter could then learn to end a completion.
+    """
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -24,9 +28,9 @@ def make_tiny_base(directory: Path, tokenizer_dir: str, seed: int = 0, layers: i
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        initializer_range=0.3,  # large enough embeddings that a LoRA can make confident predictions
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
