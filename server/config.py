@@ -107,6 +107,9 @@ class ServerSettings(_Section):
         1024, ge=1, description="generation RPCs in flight at once; more get RESOURCE_EXHAUSTED at once"
     )
     default_max_new_tokens: int = Field(128, ge=1, description="max_new_tokens of a request that sets none")
+    max_prompt_chars: int = Field(
+        128 * 1024, ge=1, description="longest prompt text (all chat messages together) accepted before tokenizing"
+    )
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with tls_key_file turns TLS on")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")

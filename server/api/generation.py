@@ -11,6 +11,7 @@ from contextlib import aclosing
 from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc
 from loraplex.server.api import convert
 from loraplex.server.api.auth import current_tenant
+from loraplex.server.api.prompts import check_prompt_chars, prompt_chars
 from loraplex.server.api.state import Context, ServingState
 from loraplex.server.api.targets import Target, resolve
 from loraplex.server.engine.errors import InternalError
@@ -82,6 +83,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.TokenizeRequest, context: Context
     ) -> generation_pb2.TokenizeResponse:
         prompt, messages = convert.prompt_of(request.prompt, list(request.messages))
+        check_prompt_chars(prompt_chars(prompt, messages), self._state.settings.server.max_prompt_chars)
         engine = self._state.engine()
         token_ids = await asyncio.to_thread(engine.tokenize, prompt, messages)
         return generation_pb2.TokenizeResponse(token_ids=token_ids, count=len(token_ids))

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from loraplex.server.api.prompts import pretokenize
 from loraplex.server.config import Settings
 from loraplex.server.engine.errors import Overloaded, ShuttingDown
 from loraplex.server.engine.types import GenerationEvent, GenerationRequest
@@ -94,6 +95,7 @@ class ServingState:
         self.active_streams += 1
         self._idle.clear()
         try:
+            request = await pretokenize(engine, request, self.settings.server.max_prompt_chars)
             # Engine.generate is an async generator (annotated as an iterator): closing it cancels the request.
             async with aclosing(cast(AsyncGenerator[GenerationEvent], engine.generate(request))) as events:
                 async for event in events:

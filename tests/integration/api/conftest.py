@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from loraplex.proto.v1 import generation_pb2_grpc
 from loraplex.server.lora.format import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.server.model.shape import ModelShape
-from tests.integration.api.helpers import ADAPTERS, MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_RANK
+from tests.integration.api.helpers import ADAPTERS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_RANK
 from tests.support.adapters import write_adapter
 from tests.support.server_process import ServerProcess
 
@@ -23,7 +23,8 @@ SERVER_FLAGS = (
     f"--engine.max-prompt-tokens={MAX_PROMPT_TOKENS}",
     f"--engine.max-new-tokens={MAX_NEW_TOKENS}",
     "--engine.kv-cache-tokens=16384",
-    "--engine.max-seq-len=1024",
+    "--engine.max-seq-len=4096",
+    f"--server.max-prompt-chars={MAX_PROMPT_CHARS}",
     "--server.default-max-new-tokens=8",
 )
 

@@ -17,7 +17,8 @@ ADAPTERS = tuple(f"t{i:02d}" for i in range(20))
 PROMPT = "Write a short poem about the sea."
 MAX_RANK = 16
 # Limits of the shared server, small enough for tests to cross them cheaply.
-MAX_PROMPT_TOKENS = 200
+MAX_PROMPT_TOKENS = 2048
+MAX_PROMPT_CHARS = 50_000
 MAX_NEW_TOKENS = 64
 STOCK_CLIENT = Path(__file__).with_name("stock_oip_client.py")
 STOCK_ADAPTER = ADAPTERS[5]  # what the stock client infers with

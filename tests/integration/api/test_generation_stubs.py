@@ -12,6 +12,7 @@ from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc
 from tests.integration.api.helpers import (
     ADAPTERS,
     MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
     MAX_PROMPT_TOKENS,
     MAX_RANK,
     PROMPT,
@@ -72,6 +73,15 @@ def test_chat_messages_go_through_the_chat_template(generation: Stub) -> None:
     assert "Paris" in response.text
 
 
+def test_long_prompts_tokenized_off_the_event_loop_generate_as_usual(generation: Stub) -> None:
+    long = "word " * 1200  # over OFFLOAD_CHARS, under the token limit
+    count = generation.Tokenize(generation_pb2.TokenizeRequest(prompt=long)).count
+    unary = generation.Generate(request(prompt=long, max_new_tokens=3, ignore_eos=True))
+    streamed = list(generation.GenerateStream(request(prompt=long, max_new_tokens=3, ignore_eos=True)))
+    assert unary.usage.prompt_tokens == count == 1201
+    assert [t for m in streamed for t in m.token_ids] == list(unary.token_ids) and len(unary.token_ids) == 3
+
+
 def test_logprobs_stop_strings_and_seeded_sampling(generation: Stub) -> None:
     greedy = generation.Generate(request(max_new_tokens=10, logprobs=True, ignore_eos=True))
     assert len(greedy.logprobs) == len(greedy.token_ids) and all(p <= 0 for p in greedy.logprobs)
@@ -83,7 +93,9 @@ def test_logprobs_stop_strings_and_seeded_sampling(generation: Stub) -> None:
     assert list(sampled[0]) == list(sampled[1])
 
 
-LONG_PROMPT = "word " * (MAX_PROMPT_TOKENS + 20)
+LONG_PROMPT = "word " * (MAX_PROMPT_TOKENS + 20)  # one token a word: tokenized off the event loop
+DENSE_PROMPT = "🙂" * (MAX_PROMPT_TOKENS // 2 + 50)  # two tokens a character: short text, too many tokens
+HUGE_PROMPT = "x" * (MAX_PROMPT_CHARS + 1)  # refused before any tokenizing
 STATUS_CASES = [
     (request(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "exactly one of 'prompt'"),
     (
@@ -95,6 +107,8 @@ STATUS_CASES = [
     (request(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
     (request(max_new_tokens=MAX_NEW_TOKENS + 1), grpc.StatusCode.INVALID_ARGUMENT, f"1..{MAX_NEW_TOKENS}"),
     (request(prompt=LONG_PROMPT), grpc.StatusCode.INVALID_ARGUMENT, f"more than the limit of {MAX_PROMPT_TOKENS}"),
+    (request(prompt=DENSE_PROMPT), grpc.StatusCode.INVALID_ARGUMENT, f"more than the limit of {MAX_PROMPT_TOKENS}"),
+    (request(prompt=HUGE_PROMPT), grpc.StatusCode.INVALID_ARGUMENT, f"server.max_prompt_chars={MAX_PROMPT_CHARS}"),
     (request(adapter_id="../etc"), grpc.StatusCode.INVALID_ARGUMENT, "is not a name"),
     (
         generation_pb2.GenerateRequest(prompt="hi", adapter_id=ADAPTERS[0], route="checkout"),

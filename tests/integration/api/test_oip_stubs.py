@@ -12,7 +12,7 @@ import pytest
 from loraplex.proto.inference import grpc_service_pb2 as oip
 from loraplex.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from loraplex.proto.v1 import generation_pb2_grpc
-from tests.integration.api.helpers import ADAPTERS, MAX_RANK, PROMPT, request
+from tests.integration.api.helpers import ADAPTERS, MAX_RANK, PROMPT, request, running_requests, wait_until_idle
 
 Tensor = oip.ModelInferRequest.InferInputTensor
 
@@ -216,3 +216,13 @@ def test_rpcs_outside_the_subset_are_unimplemented(channel: grpc.Channel) -> Non
     with pytest.raises(grpc.RpcError) as raised:
         model_config(b"")
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_cancelling_a_decoupled_stream_frees_its_sequences(
+    inference: oip_grpc.GRPCInferenceServiceStub, channel: grpc.Channel
+) -> None:
+    stream = _stream(inference, [infer_request(a, text_tensor(), max_tokens(60)) for a in ADAPTERS[15:17]])
+    assert not next(stream).error_message
+    assert running_requests(channel) >= 1
+    stream.cancel()  # type: ignore[attr-defined]
+    assert wait_until_idle(channel) == 0
