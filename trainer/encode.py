@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.server.engine.types import ChatMessage
 from loraplex.trainer.errors import DataError
-from loraplex.trainer.formats import ChatExample, ChatTurn, Example, TextExample
+from loraplex.trainer.formats import ChatExample, Example, TextExample
 
 IGNORE = -100
 
@@ -48,7 +49,7 @@ class Encoder:
         ids: list[int] = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         return ids
 
-    def render(self, turns: tuple[ChatTurn, ...], generation_prompt: bool) -> str:
+    def render(self, turns: tuple[ChatMessage, ...], generation_prompt: bool) -> str:
         if self.tokenizer.chat_template is None:
             raise DataError("the base model's tokenizer has no chat template; use the prompt_completion format")
         text: str = self.tokenizer.apply_chat_template(

@@ -21,21 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.server.engine.engine import CHAT_ROLES
+from loraplex.server.engine.types import ChatMessage
 from loraplex.trainer.config import DatasetSpec
 from loraplex.trainer.errors import DataError
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)
 class ChatExample:
     """A conversation rendered with the tokenizer's chat template; assistant turns are the completions."""
 
-    messages: tuple[ChatTurn, ...]
+    messages: tuple[ChatMessage, ...]
 
 
 @dataclass(frozen=True)
@@ -92,9 +87,9 @@ def _alpaca(record: dict[str, Any], where: str) -> Example:
     instruction = _text(record, "instruction", where, "alpaca")
     extra = _text(record, "input", where, "alpaca", required=False)
     system = _text(record, "system", where, "alpaca", required=False)
-    turns = [ChatTurn("system", system)] if system else []
-    turns.append(ChatTurn("user", f"{instruction}\n{extra}" if extra else instruction))
-    turns.append(ChatTurn("assistant", _text(record, "output", where, "alpaca")))
+    turns = [ChatMessage("system", system)] if system else []
+    turns.append(ChatMessage("user", f"{instruction}\n{extra}" if extra else instruction))
+    turns.append(ChatMessage("assistant", _text(record, "output", where, "alpaca")))
     return ChatExample(tuple(turns))
 
 
@@ -109,7 +104,7 @@ def _chat(record: dict[str, Any], where: str) -> Example:
         role = _text(message, "role", f"{where} messages[{index}]", "chat")
         if role not in CHAT_ROLES:
             raise DataError(f"{where}: messages[{index}] has role '{role}'; use one of {', '.join(sorted(CHAT_ROLES))}")
-        turns.append(ChatTurn(role, _text(message, "content", f"{where} messages[{index}]", "chat")))
+        turns.append(ChatMessage(role, _text(message, "content", f"{where} messages[{index}]", "chat")))
     if not any(turn.role == "assistant" for turn in turns):
         raise DataError(f"{where}: no assistant message; chat examples train on assistant turns, add one")
     return ChatExample(tuple(turns))

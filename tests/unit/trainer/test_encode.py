@@ -7,20 +7,21 @@ from typing import Any
 
 import pytest
 
+from loraplex.server.engine.types import ChatMessage
 from loraplex.trainer.config import TrainConfig
 from loraplex.trainer.data import prepare_data
 from loraplex.trainer.encode import IGNORE, Encoder
 from loraplex.trainer.errors import DataError
-from loraplex.trainer.formats import ChatExample, ChatTurn, TextExample
+from loraplex.trainer.formats import ChatExample, TextExample
 from tests.unit.trainer.tiny import write_jsonl
 
 CHAT = ChatExample(
     (
-        ChatTurn("system", "Be brief."),
-        ChatTurn("user", "Name a colour."),
-        ChatTurn("assistant", "Blue"),
-        ChatTurn("user", "Another?"),
-        ChatTurn("assistant", "Red"),
+        ChatMessage("system", "Be brief."),
+        ChatMessage("user", "Name a colour."),
+        ChatMessage("assistant", "Blue"),
+        ChatMessage("user", "Another?"),
+        ChatMessage("assistant", "Red"),
     )
 )
 
@@ -44,7 +45,7 @@ def test_chat_trains_only_assistant_turns(tokenizer: Any) -> None:
 def test_prompt_ids_match_the_servers_tokenization(tokenizer: Any) -> None:
     """The server tokenizes chat requests as template(add_generation_prompt=True) without special tokens."""
     encoder = Encoder(tokenizer)
-    single = ChatExample((ChatTurn("user", "Name a colour."), ChatTurn("assistant", "Blue")))
+    single = ChatExample((ChatMessage("user", "Name a colour."), ChatMessage("assistant", "Blue")))
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Name a colour."}], add_generation_prompt=True, tokenize=False
     )

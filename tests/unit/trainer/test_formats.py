@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.server.engine.types import ChatMessage
 from loraplex.trainer.config import DatasetSpec
 from loraplex.trainer.errors import DataError
-from loraplex.trainer.formats import ChatExample, ChatTurn, TextExample, dataset_hash, read_dataset
+from loraplex.trainer.formats import ChatExample, TextExample, dataset_hash, read_dataset
 
 
 def _file(tmp_path: Path, text: str, name: str = "data.jsonl") -> Path:
@@ -25,12 +26,12 @@ def _read(path: Path, fmt: str) -> list[object]:
 def test_each_format(tmp_path: Path) -> None:
     alpaca = _file(tmp_path, json.dumps({"instruction": "Add", "input": "1+1", "output": "2", "system": "Be terse"}))
     assert _read(alpaca, "alpaca") == [
-        ChatExample((ChatTurn("system", "Be terse"), ChatTurn("user", "Add\n1+1"), ChatTurn("assistant", "2")))
+        ChatExample((ChatMessage("system", "Be terse"), ChatMessage("user", "Add\n1+1"), ChatMessage("assistant", "2")))
     ]
     chat = _file(
         tmp_path, json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     )
-    assert _read(chat, "chat") == [ChatExample((ChatTurn("user", "hi"), ChatTurn("assistant", "yo")))]
+    assert _read(chat, "chat") == [ChatExample((ChatMessage("user", "hi"), ChatMessage("assistant", "yo")))]
     array = _file(tmp_path, json.dumps([{"prompt": "2+2=", "completion": "4"}]), "data.json")
     assert _read(array, "prompt_completion") == [TextExample("2+2=", "4")]
     text = _file(tmp_path, json.dumps({"text": "plain"}) + "\n\n")

@@ -46,8 +46,8 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_base: Path) -> None:
         packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
         alone_first = model(input_ids=torch.tensor([first.input_ids])).logits[0]
         alone_second = model(input_ids=torch.tensor([second.input_ids])).logits[0]
-    torch.testing.assert_close(packed[:7], alone_first, atol=1e-5, rtol=0)
-    torch.testing.assert_close(packed[7:12], alone_second, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[:7], alone_first, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[7:12], alone_second, atol=1e-4, rtol=1e-4)  # across: ~0.7
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_base: Path) -> None:
