@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,12 +169,12 @@ def run_peft_single(model: Any, jobs: Sequence[Job], pad_id: int, batch_size: in
     return clock - jobs[0].arrival
 
 
-def load_peft(base_dir: Path, root: Path, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> Any:
+def load_peft(base: LoadedBase, root: Path, names: Sequence[str]) -> Any:
+    """PEFT wrapped around the engine's own base model (same weights, same quantization), every adapter loaded.
+    Call ``.unload()`` on the result afterwards: it takes PEFT's layers out of the base model again."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
-    peft = PeftModel.from_pretrained(model, root / names[0], adapter_name=names[0])
+    peft = PeftModel.from_pretrained(base.model, root / names[0], adapter_name=names[0])
     for name in names[1:]:
         peft.load_adapter(root / name, adapter_name=name)
     return peft.eval()
@@ -214,12 +214,12 @@ def bench_shape(base: LoadedBase, shape: str, workload: Workload, skip_peft: boo
     finally:
         engine.stop()
     if not skip_peft:
-        peft = load_peft(base.model_dir, root, names, base.device, base.dtype)
+        peft = load_peft(base, root, names)
         pad_id = int(base.tokenizer.pad_token_id or 0)
         _peft_generate(peft, jobs[:2], [jobs[0].adapter, jobs[1].adapter], pad_id)  # warm-up
         results.append(Result("peft-mixed-static", shape, tokens, run_peft_mixed(peft, jobs, pad_id)))
         results.append(Result("peft-one-adapter-at-a-time", shape, tokens, run_peft_single(peft, jobs, pad_id)))
-        del peft
+        peft.unload()
     return results
 
 
@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--skip-churn", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--requests", type=int, help="override the workload's request count")
+    parser.add_argument("--adapters", type=int, help="override the workload's distinct adapter count")
     args = parser.parse_args()
 
     if args.quick:
@@ -292,6 +294,10 @@ def main() -> None:
     else:
         workload = Workload(requests=64, adapters=32, prompt_range=(16, 256), output_range=(16, 128), rate=20.0)
         churn = dict(many=512, few=8, slots=32)
+    if args.requests or args.adapters:
+        workload = replace(
+            workload, requests=args.requests or workload.requests, adapters=args.adapters or workload.adapters
+        )
     base = load_base(ModelSettings(base_model=args.base_model))
     print(
         f"base {base.name} on {base.device} ({base.dtype}, {base.quantization}), torch threads "

@@ -13,7 +13,7 @@ import torch
 from loraplex.server.engine.scheduler import ScheduledChunk
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.pool import SlotPool
-from loraplex.server.model.forward import SequenceSpan, StepBatch
+from loraplex.server.model.forward import DecodeGather, SequenceSpan, StepBatch
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,24 @@ def _order_key(chunk: ScheduledChunk) -> tuple[int, int, int]:
     return (0, id(adapter.placement.pool), adapter.placement.slot)
 
 
-def build_step(chunks: list[ScheduledChunk], device: torch.device) -> BuiltStep:
+def _decode_gather(spans: list[SequenceSpan], device: torch.device) -> DecodeGather | None:
+    singles = [span for span in spans if span.length == 1]
+    if not singles:
+        return None
+    width = max(span.context + 1 for span in singles)
+    offsets = torch.arange(width)
+    lengths = torch.tensor([span.context + 1 for span in singles])
+    starts = torch.tensor([span.cache_start for span in singles])
+    valid = offsets[None, :] < lengths[:, None]
+    index = torch.where(valid, starts[:, None] + offsets[None, :], starts[:, None])
+    return DecodeGather(
+        rows=torch.tensor([span.start for span in singles], device=device),
+        index=index.to(device),
+        mask=valid[:, None, None, :].to(device),
+    )
+
+
+def build_step(chunks: list[ScheduledChunk], device: torch.device, gather_decode: bool = False) -> BuiltStep:
     ordered = sorted(chunks, key=_order_key)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -78,5 +95,6 @@ def build_step(chunks: list[ScheduledChunk], device: torch.device) -> BuiltStep:
         prompt_rows=tensor(prompt_rows) if prompt_rows else None,
         prompt_owner=tensor(prompt_owner) if prompt_owner else None,
         num_pooled=len(pooled),
+        decode=_decode_gather(spans, device) if gather_decode else None,
     )
     return BuiltStep(batch, tuple(ordered), tuple(sampled), tuple(pooled))

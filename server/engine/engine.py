@@ -150,6 +150,7 @@ class Engine:
             dora_scales_fn=lambda weights: dora_scales_for(base, weights),
         )
         self.backend = select_backend(base.device, base.dtype)
+        self.gather_decode = eng.attention == "gathered" or (eng.attention == "auto" and base.device.type == "cuda")
         self.forward = DecoderForward(base, self.kv, self.backend)
         self.scheduler = Scheduler(eng, self.kv, self.adapters)
         self.tokenizer = base.tokenizer
@@ -421,7 +422,7 @@ class Engine:
                     self._fail(seq, error)
 
     def _run_step(self, chunks: list[ScheduledChunk]) -> None:
-        built = build_step(chunks, self.base.device)
+        built = build_step(chunks, self.base.device, self.gather_decode)
         output = self.forward(built.batch)
         self.steps += 1
         tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
@@ -517,6 +518,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         "dtype": str(base.dtype).removeprefix("torch."),
         "quantization": base.quantization,
         "lora_backend": engine.backend.value,
+        "decode_attention": "gathered" if engine.gather_decode else "per_sequence",
         "kv_cache_tokens": engine.kv.capacity,
         "torch_threads": torch.get_num_threads(),
     }

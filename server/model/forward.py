@@ -37,6 +37,15 @@ class SequenceSpan:
 
 
 @dataclass(frozen=True)
+class DecodeGather:
+    """Single-token rows attended in one batched call (the CUDA path): their cache positions, padded."""
+
+    rows: torch.Tensor  # [D] long: batch rows of one-token spans
+    index: torch.Tensor  # [D, L] long: cache positions of each row's context (padded with its first position)
+    mask: torch.Tensor  # [D, 1, 1, L] bool: which of the L positions are real
+
+
+@dataclass(frozen=True)
 class StepBatch:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long: position of each row in its sequence
@@ -47,6 +56,7 @@ class StepBatch:
     prompt_rows: torch.Tensor | None = None  # [P] long: prompt rows to pool for prompt embeddings
     prompt_owner: torch.Tensor | None = None  # [P] long: index into the pooled sums, per prompt row
     num_pooled: int = 0
+    decode: DecodeGather | None = None  # set when one-token spans are attended together
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,16 @@ class DecoderForward:
 
     def _attention(self, layer: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         out = torch.empty_like(q)
+        gathered = batch.decode
+        if gathered is not None:
+            keys = self.kv.k[layer][:, gathered.index].transpose(0, 1)  # [D, kv_heads, L, head_dim]
+            values = self.kv.v[layer][:, gathered.index].transpose(0, 1)
+            query = q.index_select(0, gathered.rows).unsqueeze(2)  # [D, heads, 1, head_dim]
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=gathered.mask, enable_gqa=True)
+            out[gathered.rows] = attended.squeeze(2)
         for span in batch.spans:
+            if gathered is not None and span.length == 1:
+                continue
             rows = slice(span.start, span.end)
             query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
             keys, values = self.kv.view(layer, span.cache_start, span.context + span.length)

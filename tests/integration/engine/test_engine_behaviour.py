@@ -269,3 +269,20 @@ def test_cancel_reason_reaches_the_caller(engine_factory: Any, root: Path) -> No
         await blocker
 
     asyncio.run(main())
+
+
+def test_gathered_decode_attention_matches_per_sequence(engine_factory: Any, root: Path) -> None:
+    """The CUDA decode path (one batched attention call over gathered KV) computes what the CPU path does."""
+    requests = [
+        req(f"Tell me about {topic}.", adapter=f"a{i % 3}", max_new_tokens=10, logprobs=True)
+        for i, topic in enumerate(["rivers", "stars", "bread", "music", "glass"])
+    ]
+    per_sequence = run_all(engine_factory([root], engine={"attention": "per_sequence"}), requests)
+    gathered_engine: Engine = engine_factory([root], engine={"attention": "gathered"})
+    assert gathered_engine.gather_decode
+    gathered = run_all(
+        gathered_engine, [GenerationRequest(**{**r.__dict__, "request_id": r.request_id + "g"}) for r in requests]
+    )
+    for a, b in zip(per_sequence, gathered, strict=True):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
