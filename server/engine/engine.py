@@ -33,6 +33,7 @@ from loraplex.server.engine.errors import (
     Overloaded,
     ShuttingDown,
 )
+from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.sampler import SamplerState, sample
 from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler
@@ -130,9 +131,10 @@ def validate_sampling(params: SamplingParams, settings: Settings) -> None:
 class Engine:
     """Owns the base model, adapters, KV cache and the engine thread."""
 
-    def __init__(self, base: LoadedBase, settings: Settings) -> None:
+    def __init__(self, base: LoadedBase, settings: Settings, listener: EngineListener | None = None) -> None:
         self.base = base
         self.settings = settings
+        self.listener = listener or EngineListener()
         eng, ad = settings.engine, settings.adapters
         shape = base.shape
         self.kv = KVCache(
@@ -148,6 +150,7 @@ class Engine:
             loader_threads=ad.loader_threads,
             base_fingerprint=base.fingerprint,
             dora_scales_fn=lambda weights: dora_scales_for(base, weights),
+            listener=self.listener,
         )
         self.backend = select_backend(base.device, base.dtype)
         self.gather_decode = eng.attention == "gathered" or (eng.attention == "auto" and base.device.type == "cuda")
@@ -422,9 +425,11 @@ class Engine:
                     self._fail(seq, error)
 
     def _run_step(self, chunks: list[ScheduledChunk]) -> None:
+        started = time.perf_counter()
         built = build_step(chunks, self.base.device, self.gather_decode)
         output = self.forward(built.batch)
         self.steps += 1
+        adapters = {id(chunk.seq.adapter) for chunk in chunks if chunk.seq.adapter is not None}
         tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
         if output.prompt_hidden_sums is not None:
             sums = output.prompt_hidden_sums.tolist()
@@ -439,6 +444,8 @@ class Engine:
             chunk.seq.num_computed += chunk.num_tokens
         for chunk, token, logprob in zip(built.sampled, tokens, logprobs, strict=True):
             self._emit(chunk.seq, token, logprob)
+        rows = sum(chunk.num_tokens for chunk in chunks)
+        self.listener.step(rows, len(chunks), len(adapters), time.perf_counter() - started)
 
     def _emit(self, seq: Sequence, token: int, logprob: float) -> None:
         now = time.monotonic()

@@ -22,9 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from loraplex.server.engine.errors import AdapterNotFound, AdapterRejected, EngineError, InvalidRequest
+from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.types import AdapterInfo, ResidencyTier
 from loraplex.server.lora import format as peft_format
 from loraplex.server.lora.format import AdapterLimits, AdapterWeights
@@ -106,8 +107,10 @@ class AdapterManager:
         loader_threads: int,
         base_fingerprint: str | None = None,
         dora_scales_fn: DoraScalesFn | None = None,
+        listener: EngineListener | None = None,
     ) -> None:
         self.roots = roots
+        self.listener = listener or EngineListener()
         self.shape = shape
         self.limits = limits
         self.slots = slots
@@ -157,7 +160,9 @@ class AdapterManager:
             if entry is not None and entry.unloaded:
                 raise AdapterNotFound(f"adapter '{adapter_id}' was unloaded; load it again to serve it")
             current = entry.current if entry is not None else None
-            if current is not None and (current.weights is not None or current.placement is not None):
+            in_memory = current is not None and (current.weights is not None or current.placement is not None)
+            self.listener.adapter_lookup("host", in_memory)
+            if current is not None and in_memory:
                 done: Future[AdapterVersion] = Future()
                 done.set_result(current)
                 return done
@@ -194,21 +199,22 @@ class AdapterManager:
 
     def _load(self, entry: _Entry, directory: Path, signature: tuple[int, ...], future: Future[AdapterVersion]) -> None:
         started = time.perf_counter()
+        outcome: Literal["ok", "rejected", "error"] = "ok"
         try:
             weights, dora = self._read(entry.adapter_id, directory)
         except peft_format.AdapterRejected as exc:
+            outcome = "rejected"
             self._finish_load(entry, future, signature, error=AdapterRejected(str(exc)))
         except Exception as exc:  # a loader thread must never die silently: the request gets the reason
+            outcome = "error"
             log.exception("loading adapter %s failed", entry.adapter_id)
-            self._finish_load(
-                entry,
-                future,
-                signature,
-                error=AdapterRejected(f"adapter '{entry.adapter_id}' could not be loaded: {exc}"),
-            )
+            reason = AdapterRejected(f"adapter '{entry.adapter_id}' could not be loaded: {exc}")
+            self._finish_load(entry, future, signature, error=reason)
         else:
             self._finish_load(entry, future, signature, weights=weights, dora=dora)
-            log.info("loaded adapter %s in %.1f ms", entry.adapter_id, (time.perf_counter() - started) * 1e3)
+        elapsed = time.perf_counter() - started
+        self.listener.adapter_loaded("host", outcome, elapsed)
+        log.info("adapter %s: %s after %.1f ms", entry.adapter_id, outcome, elapsed * 1e3)
         for listener in self._load_listeners:
             listener()
 
@@ -293,6 +299,7 @@ class AdapterManager:
             version.weights = None
             version.dora_scales = None
             total -= version.size_bytes
+            self.listener.adapter_evicted("host")
 
     # ------------------------------------------------------------------------------------- engine thread only
 
@@ -315,9 +322,11 @@ class AdapterManager:
         with self._lock:
             if version.placement is not None:
                 version.last_used = time.monotonic()
+                self.listener.adapter_lookup("device", True)
                 return True
             if version.weights is None or version.retired is not None:
                 return False
+            started = time.perf_counter()
             placement = self.slots.place(version.weights, version.dora_scales)
             while placement is None:
                 if self.slots.shrink() == 0 and not self._evict_one():
@@ -325,6 +334,8 @@ class AdapterManager:
                 placement = self.slots.place(version.weights, version.dora_scales)
             version.placement = placement
             version.last_used = time.monotonic()
+            self.listener.adapter_lookup("device", False)
+            self.listener.adapter_loaded("device", "ok", time.perf_counter() - started)
             return True
 
     def _evict_one(self) -> bool:
@@ -342,6 +353,7 @@ class AdapterManager:
         assert victim.placement is not None
         self.slots.release(victim.placement)
         victim.placement = None
+        self.listener.adapter_evicted("device")
         log.debug("evicted adapter %s v%d from the device", victim.adapter_id, victim.version)
         return True
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from loraplex.server.config import load_settings
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.errors import (
     AdapterNotFound,
@@ -19,6 +20,7 @@ from loraplex.server.engine.errors import (
     InvalidRequest,
     Overloaded,
 )
+from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.types import (
     ChatMessage,
     FinishReason,
@@ -286,3 +288,40 @@ def test_gathered_decode_attention_matches_per_sequence(engine_factory: Any, roo
     for a, b in zip(per_sequence, gathered, strict=True):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
+class RecordingListener(EngineListener):
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def step(self, rows: int, sequences: int, adapters: int, seconds: float) -> None:
+        self.events.append(("step", rows, sequences, adapters))
+
+    def adapter_lookup(self, tier: str, hit: bool) -> None:  # type: ignore[override]
+        self.events.append(("lookup", tier, hit))
+
+    def adapter_loaded(self, tier: str, outcome: str, seconds: float) -> None:  # type: ignore[override]
+        self.events.append(("loaded", tier, outcome))
+
+    def adapter_evicted(self, tier: str) -> None:  # type: ignore[override]
+        self.events.append(("evicted", tier))
+
+
+def test_listener_sees_steps_loads_and_evictions(base: LoadedBase, root: Path) -> None:
+    listener = RecordingListener()
+    settings = load_settings(environ={}, overrides={"adapters": {"roots": [str(root)], "device_slots": 2}})
+    engine = Engine(base, settings, listener=listener)
+    engine.start()
+    try:
+        outcomes = run_all(engine, [req(adapter=f"a{i}", max_new_tokens=3) for i in range(3)])
+        assert all(o.error is None for o in outcomes)
+        run_all(engine, [req(adapter="a0", max_new_tokens=2)])
+    finally:
+        engine.stop()
+    events = listener.events
+    assert events.count(("loaded", "host", "ok")) == 3
+    assert ("lookup", "host", False) in events and ("lookup", "host", True) in events
+    assert ("loaded", "device", "ok") in events and ("evicted", "device") in events
+    steps = [e for e in events if e[0] == "step"]
+    assert max(e[3] for e in steps) == 2  # two slots: at most two adapters share a step
+    assert all(e[2] <= e[1] for e in steps)  # never more sequences than rows

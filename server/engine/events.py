@@ -1,0 +1,28 @@
+"""Engine events for observability: what happened in each step and in the adapter cache.
+
+The engine and the adapter cache call an :class:`EngineListener`; the default does nothing, the observability
+room subclasses it to update Prometheus metrics. Calls come from the engine thread and the adapter loader threads
+and must return quickly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Tier = Literal["host", "device"]
+
+
+class EngineListener:
+    """No-op base: override what you observe."""
+
+    def step(self, rows: int, sequences: int, adapters: int, seconds: float) -> None:
+        """One forward pass: ``rows`` tokens of ``sequences`` sequences using ``adapters`` distinct adapters."""
+
+    def adapter_lookup(self, tier: Tier, hit: bool) -> None:
+        """A request needed an adapter in ``tier`` (host: in memory at all; device: in a slot)."""
+
+    def adapter_loaded(self, tier: Tier, outcome: Literal["ok", "rejected", "error"], seconds: float) -> None:
+        """An adapter arrived in ``tier`` (host: read from disk and validated; device: copied into a slot)."""
+
+    def adapter_evicted(self, tier: Tier) -> None:
+        """An idle adapter left ``tier`` to make room."""
