@@ -289,8 +289,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.quick:
-        workload = Workload(requests=16, adapters=8, prompt_range=(16, 64), output_range=(8, 32), rate=50.0)
-        churn = dict(many=64, few=8, slots=8)
+        workload = Workload(requests=12, adapters=6, prompt_range=(16, 48), output_range=(8, 24), rate=50.0)
+        churn = dict(many=48, few=4, slots=8)
     else:
         workload = Workload(requests=64, adapters=32, prompt_range=(16, 256), output_range=(16, 128), rate=20.0)
         churn = dict(many=512, few=8, slots=32)

@@ -273,6 +273,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         """Accepts a request or raises its error at once. Events then arrive at ``sink`` from the engine thread."""
+        submitted_at = time.monotonic()  # the engine's clock: validation and tokenization are engine work
         if not self._accepting:
             raise ShuttingDown("the server is draining or stopped; retry on another replica")
         if not request.request_id:
@@ -297,6 +298,7 @@ class Engine:
             stop=StopMatcher(request.sampling.stop),
             eos_ids=frozenset() if request.sampling.ignore_eos else self.eos_ids,
             adapter_future=adapter_future,
+            submitted_at=submitted_at,
         )
         with self._lock:
             if request.request_id in self._live:

@@ -7,7 +7,6 @@ except :meth:`cancel`, which any thread may call (the engine frees the sequence 
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -47,7 +46,7 @@ class Sequence:
     stop: StopMatcher
     eos_ids: frozenset[int]
     adapter_future: Future[AdapterVersion] | None  # None: base model
-    submitted_at: float = field(default_factory=time.monotonic)
+    submitted_at: float  # time.monotonic() when submit() was called
     status: Status = Status.WAITING
     adapter: AdapterVersion | None = None
     region: Region | None = None
