@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.client import messages
+from loraplex.client.affinity import Metadata, affinity_metadata
 from loraplex.client.base import ClientBase
 from loraplex.client.errors import error_from
 from loraplex.client.retry import NO_RETRIES, RetryPolicy
@@ -51,21 +52,26 @@ class AsyncClient(ClientBase):
         await self.close()
 
     async def _call(
-        self, method: Callable[..., Any], request: Any, timeout: float | None, retry: RetryPolicy | None = None
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        timeout: float | None,
+        retry: RetryPolicy | None = None,
+        extra: Metadata = (),
     ) -> Any:
         attempts = self._attempts(timeout, retry)
         while True:
             try:
-                return await method(request, timeout=attempts.remaining(), metadata=self.connection.metadata())
+                return await method(request, timeout=attempts.remaining(), metadata=self.connection.metadata() + extra)
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.after(error))
 
-    async def _stream(self, request: Any, timeout: float | None) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, request: Any, timeout: float | None, extra: Metadata = ()) -> AsyncIterator[StreamChunk]:
         """Streams; retries only until the first message arrives; closing the iterator early cancels the call."""
         attempts = self._attempts(timeout)
         while True:
             call = self._generation.GenerateStream(
-                request, timeout=attempts.remaining(), metadata=self.connection.metadata()
+                request, timeout=attempts.remaining(), metadata=self.connection.metadata() + extra
             )
             responses = aiter(call)
             try:
@@ -87,19 +93,29 @@ class AsyncClient(ClientBase):
 
     async def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> Generation:
         request = messages.generate_request(prompt, None, options)
-        return messages.generation(await self._call(self._generation.Generate, request, options.get("timeout")))
+        return messages.generation(
+            await self._call(
+                self._generation.Generate, request, options.get("timeout"), extra=affinity_metadata(options)
+            )
+        )
 
     def stream(self, prompt: str, **options: Unpack[GenerateOptions]) -> AsyncIterator[StreamChunk]:
-        return self._stream(messages.generate_request(prompt, None, options), options.get("timeout"))
+        request = messages.generate_request(prompt, None, options)
+        return self._stream(request, options.get("timeout"), affinity_metadata(options))
 
     async def chat(self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]) -> Generation:
         request = messages.generate_request(None, chat, options)
-        return messages.generation(await self._call(self._generation.Generate, request, options.get("timeout")))
+        return messages.generation(
+            await self._call(
+                self._generation.Generate, request, options.get("timeout"), extra=affinity_metadata(options)
+            )
+        )
 
     def chat_stream(
         self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]
     ) -> AsyncIterator[StreamChunk]:
-        return self._stream(messages.generate_request(None, chat, options), options.get("timeout"))
+        request = messages.generate_request(None, chat, options)
+        return self._stream(request, options.get("timeout"), affinity_metadata(options))
 
     async def tokenize(
         self, prompt: str | None = None, chat: Sequence[ChatMessage] | None = None, timeout: float | None = None
