@@ -154,7 +154,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("config keys (override the file)")
     for key, field in TrainConfig.model_fields.items():
         flags = sorted({f"--{key.replace('_', '-')}", f"--{key}"})
-        group.add_argument(*flags, dest=f"cfg.{key}", default=None, metavar="VALUE", help=field.description)
+        shown = f"{field.description} (default: {field.default})"
+        group.add_argument(*flags, dest=f"cfg.{key}", default=None, metavar="VALUE", help=shown)
 
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:

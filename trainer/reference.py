@@ -24,11 +24,11 @@ BINS = 10
 
 
 def histogram(values: Sequence[float], bins: int = BINS) -> Histogram:
-    """Quantile-edged bins over ``values`` (equal-width when values repeat), so each bin holds some mass."""
+    """Quantile-edged bins over ``values`` (equal-width when quantiles coincide), so each bin holds some mass."""
     ordered = sorted(float(v) for v in values)
     low, high = ordered[0], ordered[-1]
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
+    if high - low < 1e-9:  # one value: one bin around it
+        return Histogram((low - 0.5, high + 0.5), (len(ordered),))
     quantiles = [ordered[round(i * (len(ordered) - 1) / bins)] for i in range(bins + 1)]
     edges = sorted({low, high, *quantiles})
     if len(edges) < 3:
