@@ -127,3 +127,24 @@ def test_qlora_trains_an_nf4_base_and_the_adapter_reloads(tiny_base: Path, train
     _, encoded = held_out(config, tokenizer)
     total, count = loss_sums(peft_model, encoded, 8, torch.device("cpu"), None)
     assert total / count == pytest.approx(result.eval.adapter["loss"], rel=1e-4)
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_base: Path, train_file: Path, tmp_path: Path) -> None:
+    """A learning rate far too high: validation loss rises, the run stops after `patience` evaluations."""
+    tree = config_tree(
+        tiny_base,
+        train_file,
+        tmp_path / "es",
+        max_steps=12,
+        learning_rate=0.5,
+        eval_steps=1,
+        early_stopping_patience=2,
+        lr_scheduler="constant",
+        eval_max_examples=0,
+    )
+    result = train(load_config(None, tree))
+    val_losses = [h["val_loss"] for h in result.history]
+    assert result.stopped_early and result.steps == 3  # of 12
+    assert val_losses[1] > val_losses[0] and val_losses[2] > val_losses[0]
+    assert result.eval is not None
+    assert result.eval.adapter["loss"] == pytest.approx(min(val_losses), rel=1e-5)  # step 1's weights were kept
