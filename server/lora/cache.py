@@ -435,6 +435,12 @@ class AdapterManager:
             source_dir=str(version.source_dir),
         )
 
+    def current_version(self, adapter_id: str) -> AdapterVersion | None:
+        """The version now serving ``adapter_id`` (None when not loaded); never loads, never notifies listeners."""
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+            return None if entry is None or entry.unloaded else entry.current
+
     def info(self, adapter_id: str) -> AdapterInfo:
         with self._lock:
             entry = self._entries.get(adapter_id)
