@@ -102,6 +102,7 @@ class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="address the gRPC server binds; not loopback needs auth (see auth)")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = pick a free one (logged at start-up)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="HTTP /metrics port; 0 = pick a free one")
+    metrics_host: str | None = Field(None, description="address the /metrics HTTP server binds; unset = server.host")
     max_message_bytes: int = Field(4 * MIB, ge=1024, description="largest gRPC message received or sent")
     max_concurrent_streams: int = Field(
         1024, ge=1, description="generation RPCs in flight at once; more get RESOURCE_EXHAUSTED at once"
@@ -138,6 +139,45 @@ class AuthSettings(_Section):
     )
 
 
+class RoutingSettings(_Section):
+    """A/B routes, shadow traffic and feedback statistics (kept in memory; lost at restart)."""
+
+    routes_file: Path | None = Field(
+        None, description="YAML routes loaded at start-up and rewritten atomically on changes; unset = in memory only"
+    )
+    max_routes: int = Field(1000, ge=1, description="routes configured at once")
+    feedback_retention: int = Field(
+        100_000, ge=1, description="routed request ids remembered for Feedback (least recently served forgotten)"
+    )
+    latency_samples: int = Field(10_000, ge=10, description="latest latencies kept per variant for report percentiles")
+    shadow_max_inflight: int = Field(64, ge=0, description="mirrored requests running at once; more are shed")
+    shadow_shed_queue_fraction: float = Field(
+        0.5, gt=0, le=1, description="shed mirrored requests while engine waiting >= this share of engine.max_queue"
+    )
+
+
+class ObservabilitySettings(_Section):
+    """Prometheus metrics and drift detection."""
+
+    max_adapter_labels: int = Field(
+        100, ge=1, description="distinct values of the 'adapter' metric label; later adapters are labelled 'other'"
+    )
+    drift_window: int = Field(500, ge=10, description="latest requests per adapter compared with its reference")
+    drift_min_samples: int = Field(100, ge=1, description="requests in the window before drift scores are exported")
+    drift_reference_size: int = Field(
+        200, ge=10, description="first requests that form the reference of an adapter without trainer statistics"
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> ObservabilitySettings:
+        if self.drift_min_samples > self.drift_window:
+            raise ValueError(
+                f"observability.drift_min_samples ({self.drift_min_samples}) exceeds observability.drift_window "
+                f"({self.drift_window}): scores would never be exported; lower it or widen the window"
+            )
+        return self
+
+
 class Settings(_Section):
     """The whole tree."""
 
@@ -146,6 +186,8 @@ class Settings(_Section):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
     @model_validator(mode="after")
     def _check_remote_auth(self) -> Settings:
@@ -184,6 +226,7 @@ FLAG_ALIASES: dict[str, str] = {
     "host": "server.host",
     "port": "server.port",
     "metrics-port": "server.metrics_port",
+    "routes-file": "routing.routes_file",
 }
 
 
