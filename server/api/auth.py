@@ -6,7 +6,7 @@ The tokens file (``auth.tokens_file``) is YAML mapping each token to its tenant:
       tenant: team-a
       adapters: ["team-a/*", "base"]  # glob patterns of adapter ids; "base" is the base model
       routes: ["checkout-*"]          # glob patterns of A/B route names
-      admin: false                    # may load and unload adapters
+      admin: false                    # may load and unload adapters, set and delete routes
 
 Tokens are kept only as SHA-256 digests and compared in constant time against every entry; they never appear in
 logs or error messages (a bad entry is named by its position and tenant).
@@ -26,8 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loraplex.server.api.errors import PermissionDenied, Unauthenticated
+from loraplex.server.routing.routes import BASE_MODEL
 
-BASE_MODEL = "base"  # the base model's name for tenant patterns and Open Inference Protocol model names
 MIN_TOKEN_LENGTH = 16
 
 

@@ -1,7 +1,8 @@
 """The one place that maps errors to gRPC status codes, and the few errors the API layer raises itself.
 
-Engine errors (``server/engine/errors.py``) keep their meaning; the API adds authentication, authorization and
-routing failures. Anything else is a bug: it becomes INTERNAL with a generic message and is logged in full.
+Engine errors (``server/engine/errors.py``) and routing errors (``server/routing/errors.py``) keep their
+meaning; the API adds authentication and authorization failures. Anything else is a bug: it becomes INTERNAL with
+a generic message and is logged in full.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ from loraplex.server.engine.errors import (
     InvalidRequest,
     Overloaded,
     ShuttingDown,
+)
+from loraplex.server.routing.errors import (
+    FeedbackExists,
+    InvalidFeedback,
+    InvalidRoute,
+    RoutesFileError,
+    RoutingError,
+    StaleFeedback,
+    UnknownRequest,
+    UnknownRoute,
 )
 
 log = logging.getLogger(__name__)
@@ -44,12 +55,6 @@ class PermissionDenied(ApiError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class RouteNotFound(ApiError):
-    """No A/B route with this name is configured."""
-
-    code = grpc.StatusCode.NOT_FOUND
-
-
 ENGINE_CODES: dict[type[EngineError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
@@ -60,14 +65,31 @@ ENGINE_CODES: dict[type[EngineError], grpc.StatusCode] = {
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     InternalError: grpc.StatusCode.INTERNAL,
 }
+ROUTING_CODES: dict[type[RoutingError], grpc.StatusCode] = {
+    InvalidRoute: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownRoute: grpc.StatusCode.NOT_FOUND,
+    UnknownRequest: grpc.StatusCode.NOT_FOUND,
+    InvalidFeedback: grpc.StatusCode.INVALID_ARGUMENT,
+    FeedbackExists: grpc.StatusCode.ALREADY_EXISTS,
+    StaleFeedback: grpc.StatusCode.FAILED_PRECONDITION,
+    RoutesFileError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def code_of(error: Exception) -> grpc.StatusCode | None:
+    """The status code of a known error type; None for anything unexpected (a bug)."""
+    if isinstance(error, ApiError):
+        return error.code
+    for kind, code in (*ENGINE_CODES.items(), *ROUTING_CODES.items()):
+        if isinstance(error, kind):
+            return code
+    return None
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and client message for ``error``; unexpected errors are logged with their traceback."""
-    if isinstance(error, ApiError):
-        return error.code, str(error)
-    for kind, code in ENGINE_CODES.items():
-        if isinstance(error, kind):
-            return code, str(error)
+    code = code_of(error)
+    if code is not None:
+        return code, str(error)
     log.error("unexpected error in an RPC", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); the server logged the details"

@@ -14,6 +14,7 @@ from loraplex.server.api.auth import current_tenant
 from loraplex.server.api.prompts import check_prompt_chars, prompt_chars
 from loraplex.server.api.state import Context, ServingState
 from loraplex.server.api.targets import Target, resolve
+from loraplex.server.api.tracking import RequestTrack
 from loraplex.server.engine.errors import InternalError
 from loraplex.server.engine.types import Finished, GenerationRequest, TokenDelta
 
@@ -33,9 +34,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self._state = state
 
     def _engine_request(
-        self, request: generation_pb2.GenerateRequest, context: Context
+        self, request: generation_pb2.GenerateRequest, context: Context, record: RequestTrack
     ) -> tuple[GenerationRequest, Target]:
-        target = resolve(current_tenant(), request.adapter_id, request.route)
+        target = resolve(current_tenant(), self._state.router, request.adapter_id, request.route, request.user_key)
+        record.resolved(target)
         engine_request = convert.generation_request(
             request,
             request_id=request_id_of(request.request_id),
@@ -48,36 +50,37 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Context
     ) -> generation_pb2.GenerateResponse:
-        started = time.monotonic()
-        engine_request, target = self._engine_request(request, context)
-        text: list[str] = []
-        token_ids: list[int] = []
-        logprobs: list[float] = []
-        async with aclosing(self._state.generate(engine_request)) as events:
-            async for event in events:
-                if isinstance(event, TokenDelta):
-                    text.append(event.text)
-                    token_ids += event.token_ids
-                    logprobs += event.logprobs or ()
-                    continue
-                last = convert.summary(event, target, time.monotonic() - started)
-                return convert.generate_response(engine_request.request_id, "".join(text), token_ids, logprobs, last)
-        raise InternalError("the generation ended without a result")
+        async with self._state.track() as record:
+            engine_request, target = self._engine_request(request, context, record)
+            text: list[str] = []
+            token_ids: list[int] = []
+            logprobs: list[float] = []
+            async with aclosing(self._state.generate(engine_request, record)) as events:
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        text.append(event.text)
+                        token_ids += event.token_ids
+                        logprobs += event.logprobs or ()
+                        continue
+                    last = convert.summary(event, target, time.monotonic() - record.started)
+                    request_id = engine_request.request_id
+                    return convert.generate_response(request_id, "".join(text), token_ids, logprobs, last)
+            raise InternalError("the generation ended without a result")
 
     async def GenerateStream(
         self, request: generation_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        started = time.monotonic()
-        engine_request, target = self._engine_request(request, context)
-        request_id = engine_request.request_id
-        async with aclosing(self._state.generate(engine_request)) as events:
-            async for event in events:
-                if isinstance(event, Finished):
-                    yield convert.last_stream_message(
-                        request_id, convert.summary(event, target, time.monotonic() - started)
-                    )
-                else:
-                    yield convert.delta_message(request_id, event)
+        async with self._state.track() as record:
+            engine_request, target = self._engine_request(request, context, record)
+            request_id = engine_request.request_id
+            async with aclosing(self._state.generate(engine_request, record)) as events:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        yield convert.last_stream_message(
+                            request_id, convert.summary(event, target, time.monotonic() - record.started)
+                        )
+                    else:
+                        yield convert.delta_message(request_id, event)
 
     async def Tokenize(
         self, request: generation_pb2.TokenizeRequest, context: Context

@@ -1,6 +1,9 @@
 """The Open Inference Protocol v2 servicer (package ``inference``), with Triton's decoupled streaming and model
 repository extensions mapped onto loraplex: a model is "base", an adapter id or a route.
 
+A route's sticky key travels as the request parameter ``user_key``; the last response of a routed request names
+its ``route`` and ``variant`` in its parameters.
+
 ModelStreamInfer is decoupled: each request on the stream runs concurrently, every token chunk is one response
 carrying ``text_output`` and the parameter ``triton_final_response`` (false), and the last response of a request
 has ``triton_final_response`` true, its finish reason and token counts (and no outputs when the client asked for
@@ -20,20 +23,23 @@ from loraplex.proto.inference import grpc_service_pb2 as oip
 from loraplex.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from loraplex.server.api import oip_tensors
 from loraplex.server.api.adapters import load_adapter, unload_adapter
-from loraplex.server.api.auth import BASE_MODEL, current_tenant
+from loraplex.server.api.auth import current_tenant
 from loraplex.server.api.errors import status_of
 from loraplex.server.api.generation import deadline_of, request_id_of
 from loraplex.server.api.state import Context, ServingState
 from loraplex.server.api.targets import Target, resolve_model
+from loraplex.server.api.tracking import RequestTrack
 from loraplex.server.engine.errors import AdapterNotFound, InternalError, InvalidRequest
 from loraplex.server.engine.types import Finished, GenerationRequest, ResidencyTier, TokenDelta
 from loraplex.server.lora.sources import AdapterRoots
+from loraplex.server.routing.routes import BASE_MODEL
 
 BASE_VERSION = "1"
 PLATFORM = "loraplex"
 EXTENSIONS = ("model_repository", "parameters")
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
+USER_KEY = "user_key"  # request parameter: the sticky bucketing key of a route
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: Context) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name=PLATFORM, version=loraplex.__version__, extensions=EXTENSIONS)
 
+    def _model(self, model_name: str) -> Target | None:
+        """The target of a metadata call's model; None for a route (checked against the tenant, never assigned)."""
+        if model_name and self._state.router.has_route(model_name):
+            current_tenant().check_route(model_name)
+            return None
+        return resolve_model(current_tenant(), self._state.router, model_name)
+
     def _served_version(self, target: Target) -> str:
         """The version now served for ``target``; AdapterNotFound when the adapter is not loaded."""
         if target.adapter_id is None:
@@ -83,10 +96,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise AdapterNotFound(f"model '{model_name}' version {version} is not served (it serves version {served})")
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context: Context) -> oip.ModelReadyResponse:
-        target = resolve_model(current_tenant(), request.name)
+        target = self._model(request.name)
         if not self._state.ready:
             return oip.ModelReadyResponse(ready=False)
-        if target.adapter_id is None:
+        if target is None or target.adapter_id is None:
             return oip.ModelReadyResponse(ready=request.version in ("", BASE_VERSION))
         try:
             info = self._state.engine().adapter_info(target.adapter_id)
@@ -96,7 +109,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Context) -> oip.ModelMetadataResponse:
-        target = resolve_model(current_tenant(), request.name)
+        target = self._model(request.name) or Target(None)  # a route has one version, like the base model
         self._check_version(target, request.name, request.version)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
@@ -109,16 +122,20 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------------------------------ inference
 
-    def _prepare(self, request: oip.ModelInferRequest, context: Context) -> _Prepared:
-        target = resolve_model(current_tenant(), request.model_name)
-        if request.model_version:
-            self._check_version(target, request.model_name, request.model_version)
+    def _prepare(self, request: oip.ModelInferRequest, context: Context, record: RequestTrack) -> _Prepared:
+        user_key = request.parameters[USER_KEY].string_param if USER_KEY in request.parameters else ""
+        target = resolve_model(current_tenant(), self._state.router, request.model_name, user_key)
+        record.resolved(target)
+        if request.model_version:  # a route has one version, like the base model
+            self._check_version(
+                target if target.assignment is None else Target(None), request.model_name, request.model_version
+            )
         unknown = [output.name for output in request.outputs if output.name != oip_tensors.TEXT_OUTPUT]
         if unknown:
             raise InvalidRequest(f"unknown requested outputs {unknown}; the only output is '{oip_tensors.TEXT_OUTPUT}'")
         llm = oip_tensors.llm_request(
             oip_tensors.decode_inputs(request),
-            request.parameters,
+            {name: value for name, value in request.parameters.items() if name != USER_KEY},
             self._state.settings.server.default_max_new_tokens,
         )
         shape = next(list(t.shape) for t in request.inputs if t.name == oip_tensors.TEXT_INPUT)
@@ -146,48 +163,62 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         _set_parameter(response.parameters, "finish_reason", finished.finish_reason.value)
         _set_parameter(response.parameters, "prompt_tokens", finished.usage.prompt_tokens)
         _set_parameter(response.parameters, "completion_tokens", finished.usage.completion_tokens)
+        if prepared.target.assignment is not None:
+            _set_parameter(response.parameters, "route", prepared.target.route)
+            _set_parameter(response.parameters, "variant", prepared.target.variant)
         return response
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context: Context) -> oip.ModelInferResponse:
-        prepared = self._prepare(request, context)
-        text: list[str] = []
-        async with aclosing(self._state.generate(prepared.request)) as events:
-            async for event in events:
-                if isinstance(event, TokenDelta):
-                    text.append(event.text)
-                else:
-                    return self._final(prepared, "".join(text), event)
-        raise InternalError("the generation ended without a result")
+        async with self._state.track() as record:
+            prepared = self._prepare(request, context, record)
+            text: list[str] = []
+            async with aclosing(self._state.generate(prepared.request, record)) as events:
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        text.append(event.text)
+                    else:
+                        return self._final(prepared, "".join(text), event)
+            raise InternalError("the generation ended without a result")
 
     async def _stream_one(
         self, request: oip.ModelInferRequest, context: Context, out: asyncio.Queue[oip.ModelStreamInferResponse | None]
     ) -> None:
         """Runs one request of a stream, putting its responses (or its error) on ``out``."""
         try:
-            prepared = self._prepare(request, context)
-            empty_final = EMPTY_FINAL in request.parameters and request.parameters[EMPTY_FINAL].bool_param
-            text: list[str] = []
-            async with aclosing(self._state.generate(prepared.request)) as events:
-                async for event in events:
-                    if isinstance(event, TokenDelta):
-                        if prepared.stream is False:
-                            text.append(event.text)
-                        elif event.text:
-                            chunk = self._chunk(prepared, event.text)
-                            _set_parameter(chunk.parameters, FINAL, False)
-                            await out.put(oip.ModelStreamInferResponse(infer_response=chunk))
-                        continue
-                    last = self._final(prepared, "".join(text), event)
-                    if empty_final:
-                        del last.outputs[:]
-                        del last.raw_output_contents[:]
-                    _set_parameter(last.parameters, FINAL, True)
-                    await out.put(oip.ModelStreamInferResponse(infer_response=last))
+            async with self._state.track() as record:
+                await self._stream_events(request, context, record, out)
         except Exception as exc:
             code, message = status_of(exc)
             failed = oip.ModelInferResponse(model_name=request.model_name, id=request.id)
             _set_parameter(failed.parameters, FINAL, True)
             await out.put(oip.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=failed))
+
+    async def _stream_events(
+        self,
+        request: oip.ModelInferRequest,
+        context: Context,
+        record: RequestTrack,
+        out: asyncio.Queue[oip.ModelStreamInferResponse | None],
+    ) -> None:
+        prepared = self._prepare(request, context, record)
+        empty_final = EMPTY_FINAL in request.parameters and request.parameters[EMPTY_FINAL].bool_param
+        text: list[str] = []
+        async with aclosing(self._state.generate(prepared.request, record)) as events:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    if prepared.stream is False:
+                        text.append(event.text)
+                    elif event.text:
+                        chunk = self._chunk(prepared, event.text)
+                        _set_parameter(chunk.parameters, FINAL, False)
+                        await out.put(oip.ModelStreamInferResponse(infer_response=chunk))
+                    continue
+                last = self._final(prepared, "".join(text), event)
+                if empty_final:
+                    del last.outputs[:]
+                    del last.raw_output_contents[:]
+                _set_parameter(last.parameters, FINAL, True)
+                await out.put(oip.ModelStreamInferResponse(infer_response=last))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: Context
@@ -244,10 +275,19 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             models = [model for model in models if model.state == "READY"]
         return oip.RepositoryIndexResponse(models=models)
 
+    def _repository_model(self, model_name: str) -> Target:
+        target = self._model(model_name)
+        if target is None:
+            raise InvalidRequest(
+                f"'{model_name}' is an A/B route: load or unload its adapters by their ids (routes change through "
+                "loraplex.v1.Routing)"
+            )
+        return target
+
     async def RepositoryModelLoad(
         self, request: oip.RepositoryModelLoadRequest, context: Context
     ) -> oip.RepositoryModelLoadResponse:
-        target = resolve_model(current_tenant(), request.model_name)
+        target = self._repository_model(request.model_name)
         unknown = sorted(set(request.parameters) - {"pin"})
         if unknown:
             raise InvalidRequest(
@@ -262,7 +302,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: oip.RepositoryModelUnloadRequest, context: Context
     ) -> oip.RepositoryModelUnloadResponse:
-        target = resolve_model(current_tenant(), request.model_name)
+        target = self._repository_model(request.model_name)
         if target.adapter_id is None:
             raise InvalidRequest(f"the base model '{BASE_MODEL}' cannot be unloaded")
         unload_adapter(self._state, current_tenant(), target.adapter_id)

@@ -28,6 +28,8 @@ ADMIN_METHODS = frozenset(
         "/loraplex.v1.Adapters/UnloadAdapter",
         "/inference.GRPCInferenceService/RepositoryModelLoad",
         "/inference.GRPCInferenceService/RepositoryModelUnload",
+        "/loraplex.v1.Routing/SetRoute",
+        "/loraplex.v1.Routing/DeleteRoute",
     }
 )
 _FACTORIES = {

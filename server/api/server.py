@@ -15,6 +15,8 @@ from loraplex.proto.v1 import (
     adapters_pb2_grpc,
     generation_pb2,
     generation_pb2_grpc,
+    routing_pb2,
+    routing_pb2_grpc,
     server_pb2,
     server_pb2_grpc,
 )
@@ -23,13 +25,17 @@ from loraplex.server.api.auth import TokenTable
 from loraplex.server.api.generation import GenerationServicer
 from loraplex.server.api.inference import InferenceServicer
 from loraplex.server.api.interceptors import AuthInterceptor, ErrorInterceptor
+from loraplex.server.api.routing import RoutingServicer
 from loraplex.server.api.state import ServingState
 from loraplex.server.api.status import ServerServicer
 from loraplex.server.config import ServerSettings, Settings
+from loraplex.server.observability.telemetry import Telemetry
+from loraplex.server.routing.router import Router
 
 SERVICES = (
     generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+    routing_pb2.DESCRIPTOR.services_by_name["Routing"].full_name,
     server_pb2.DESCRIPTOR.services_by_name["Server"].full_name,
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
@@ -60,7 +66,7 @@ def _credentials(server: ServerSettings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_server(settings: Settings, tokens: TokenTable | None) -> ApiServer:
+def build_server(settings: Settings, tokens: TokenTable | None, router: Router, telemetry: Telemetry) -> ApiServer:
     """Creates (does not start) the server with every service bound; health says NOT_SERVING until it serves."""
     limit = settings.server.max_message_bytes
     server = grpc.aio.server(
@@ -68,9 +74,10 @@ def build_server(settings: Settings, tokens: TokenTable | None) -> ApiServer:
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     health = health_aio.HealthServicer()
-    state = ServingState(settings, health, SERVICES)
+    state = ServingState(settings, health, SERVICES, router, telemetry)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(state), server)
+    routing_pb2_grpc.add_RoutingServicer_to_server(RoutingServicer(state), server)
     server_pb2_grpc.add_ServerServicer_to_server(ServerServicer(state), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -2,15 +2,17 @@
 generation RPCs in flight (bounded by ``server.max_concurrent_streams``).
 
 New calls get UNAVAILABLE while the base model loads and while the server drains; calls already running keep
-their engine. Generation goes through :meth:`ServingState.generate`, which holds a stream slot for as long as the
-caller iterates and closes the engine's iterator (cancelling the sequence) however the caller stops.
+their engine. Every generation runs inside :meth:`ServingState.track` (its metrics, drift and A/B record) and goes
+through :meth:`ServingState.generate`, which holds a stream slot for as long as the caller iterates, mirrors the
+request to its route's shadow when the assignment says so, and closes the engine's iterator (cancelling the
+sequence) however the caller stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -19,9 +21,13 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from loraplex.server.api.prompts import pretokenize
+from loraplex.server.api.shadow import ShadowDispatcher
+from loraplex.server.api.tracking import RequestTrack, track
 from loraplex.server.config import Settings
 from loraplex.server.engine.errors import Overloaded, ShuttingDown
 from loraplex.server.engine.types import GenerationEvent, GenerationRequest
+from loraplex.server.observability.telemetry import Telemetry
+from loraplex.server.routing.router import Router
 
 if TYPE_CHECKING:
     from loraplex.server.engine.engine import Engine
@@ -36,8 +42,18 @@ class Phase(StrEnum):
 
 
 class ServingState:
-    def __init__(self, settings: Settings, health: health_aio.HealthServicer, services: Sequence[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        health: health_aio.HealthServicer,
+        services: Sequence[str],
+        router: Router,
+        telemetry: Telemetry,
+    ) -> None:
         self.settings = settings
+        self.router = router
+        self.telemetry = telemetry
+        self.shadow = ShadowDispatcher(settings, telemetry, router)
         self.phase = Phase.STARTING
         self.active_streams = 0
         self._health = health
@@ -59,6 +75,7 @@ class ServingState:
     async def drain(self) -> None:
         """Health goes NOT_SERVING for good, new calls get UNAVAILABLE, the engine stops accepting."""
         self.phase = Phase.DRAINING
+        self.shadow.cancel_all()
         if self._engine is not None:
             self._engine.begin_drain()
         await self._health.enter_graceful_shutdown()
@@ -83,8 +100,16 @@ class ServingState:
             raise ShuttingDown("the server is starting (loading the base model); retry in a few seconds")
         return self._engine
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent]:
-        """The engine's events for ``request``, holding one of ``server.max_concurrent_streams`` slots meanwhile."""
+    def track(self) -> AbstractAsyncContextManager[RequestTrack]:
+        """The record of one generation (see :mod:`tracking`); open it first thing in a generation RPC."""
+        return track(self.telemetry, self.router)
+
+    async def generate(self, request: GenerationRequest, record: RequestTrack) -> AsyncGenerator[GenerationEvent]:
+        """The engine's events for ``request``, holding one of ``server.max_concurrent_streams`` slots meanwhile.
+
+        ``record`` (resolved to the request's target) sees every event; when its route assignment says so, the
+        request is also mirrored to the route's shadow as an engine request of its own.
+        """
         engine = self.engine()
         limit = self.settings.server.max_concurrent_streams
         if self.active_streams >= limit:
@@ -96,9 +121,12 @@ class ServingState:
         self._idle.clear()
         try:
             request = await pretokenize(engine, request, self.settings.server.max_prompt_chars)
+            # The copy starts after this request is submitted: the first step of the iteration below.
+            self.shadow.mirror(engine, request, record.target.assignment if record.target else None)
             # Engine.generate is an async generator (annotated as an iterator): closing it cancels the request.
             async with aclosing(cast(AsyncGenerator[GenerationEvent], engine.generate(request))) as events:
                 async for event in events:
+                    record.observe(request.request_id, event)
                     yield event
         finally:
             self.active_streams -= 1

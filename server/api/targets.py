@@ -1,37 +1,50 @@
 """What serves a request: the base model, an adapter, or an A/B route's variant, checked against the caller's tenant.
 
-Routes are reserved in the API; until A/B routing exists every route is unknown (NOT_FOUND).
+A tenant may use a route when one of its route patterns matches the route's name; the adapters behind the route's
+variants need no adapter pattern of their own (an admin chose them when setting the route).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraplex.server.api.auth import BASE_MODEL, Tenant
-from loraplex.server.api.errors import RouteNotFound
+from loraplex.server.api.auth import Tenant
 from loraplex.server.engine.errors import InvalidRequest
+from loraplex.server.routing.router import Assignment, Router
+from loraplex.server.routing.routes import BASE_MODEL
 
 
 @dataclass(frozen=True)
 class Target:
     adapter_id: str | None  # None = the base model
-    route: str = ""
-    variant: str = ""
+    assignment: Assignment | None = None  # set for a request on a route
+
+    @property
+    def route(self) -> str:
+        return self.assignment.route if self.assignment is not None else ""
+
+    @property
+    def variant(self) -> str:
+        return self.assignment.variant.name if self.assignment is not None else ""
 
 
-def resolve(tenant: Tenant, adapter_id: str, route: str) -> Target:
-    """The target of a request naming ``adapter_id`` ("" = base) or ``route``."""
+def resolve(tenant: Tenant, router: Router, adapter_id: str, route: str, user_key: str = "") -> Target:
+    """The target of a request naming ``adapter_id`` ("" = base) or ``route`` (with an optional sticky key)."""
     if adapter_id and route:
         raise InvalidRequest("name either adapter_id or route, not both")
     if route:
         tenant.check_route(route)
-        raise RouteNotFound(f"unknown route '{route}': no A/B routes are configured on this server")
+        assignment = router.assign(route, user_key)
+        return Target(assignment.variant.adapter_id, assignment)
     tenant.check_adapter(adapter_id or None)
     return Target(adapter_id or None)
 
 
-def resolve_model(tenant: Tenant, model_name: str) -> Target:
-    """The target of an Open Inference Protocol model name: "base" or an adapter id."""
+def resolve_model(tenant: Tenant, router: Router, model_name: str, user_key: str = "") -> Target:
+    """The target of an Open Inference Protocol model name: a route (which wins over an adapter of the same name),
+    "base" or an adapter id."""
     if not model_name:
         raise InvalidRequest(f"model_name is empty: use '{BASE_MODEL}', an adapter id or a route")
-    return resolve(tenant, "" if model_name == BASE_MODEL else model_name, "")
+    if router.has_route(model_name):
+        return resolve(tenant, router, "", model_name, user_key)
+    return resolve(tenant, router, "" if model_name == BASE_MODEL else model_name, "")

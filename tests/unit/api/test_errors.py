@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from loraplex.server.api.errors import PermissionDenied, RouteNotFound, Unauthenticated, status_of
+from loraplex.server.api.errors import PermissionDenied, Unauthenticated, status_of
 from loraplex.server.engine import errors as engine
+from loraplex.server.routing import errors as routing
 
 CASES = [
     (engine.InvalidRequest("bad top_p"), grpc.StatusCode.INVALID_ARGUMENT),
@@ -19,7 +20,13 @@ CASES = [
     (engine.InternalError("step failed"), grpc.StatusCode.INTERNAL),
     (Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied("not yours"), grpc.StatusCode.PERMISSION_DENIED),
-    (RouteNotFound("unknown route 'x'"), grpc.StatusCode.NOT_FOUND),
+    (routing.InvalidRoute("weights must sum to 100"), grpc.StatusCode.INVALID_ARGUMENT),
+    (routing.UnknownRoute("unknown route 'x'"), grpc.StatusCode.NOT_FOUND),
+    (routing.UnknownRequest("no routed request 'r'"), grpc.StatusCode.NOT_FOUND),
+    (routing.InvalidFeedback("no label"), grpc.StatusCode.INVALID_ARGUMENT),
+    (routing.FeedbackExists("already recorded"), grpc.StatusCode.ALREADY_EXISTS),
+    (routing.StaleFeedback("route changed"), grpc.StatusCode.FAILED_PRECONDITION),
+    (routing.RoutesFileError("disk full"), grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 
@@ -28,9 +35,10 @@ def test_each_error_has_its_code_and_message(error: Exception, code: grpc.Status
     assert status_of(error) == (code, str(error))
 
 
-def test_every_engine_error_is_mapped() -> None:
+def test_every_engine_and_routing_error_is_mapped() -> None:
     mapped = {type(error) for error, _ in CASES}
     assert set(engine.EngineError.__subclasses__()) <= mapped
+    assert set(routing.RoutingError.__subclasses__()) <= mapped
 
 
 def test_unexpected_errors_are_internal_without_their_text(caplog: pytest.LogCaptureFixture) -> None:
