@@ -11,6 +11,7 @@ failures raise the exception of their status code (``loraplex.client.errors``)::
 
 from loraplex.client.aio import AsyncClient
 from loraplex.client.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalServerError,
@@ -28,22 +29,30 @@ from loraplex.client.sync import Client
 from loraplex.client.types import (
     Adapter,
     ChatMessage,
+    FeedbackResult,
     Generation,
+    Route,
+    RouteReport,
     ServedBy,
     ServerStatus,
+    Shadow,
     StreamChunk,
     Timings,
     Tokenization,
     Usage,
+    Variant,
+    VariantReport,
 )
 
 __all__ = [
     "Adapter",
+    "AlreadyExistsError",
     "AsyncClient",
     "ChatMessage",
     "Client",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "FeedbackResult",
     "Generation",
     "InternalServerError",
     "InvalidArgumentError",
@@ -53,12 +62,17 @@ __all__ = [
     "RequestCancelledError",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "Route",
+    "RouteReport",
     "ServedBy",
     "ServerStatus",
+    "Shadow",
     "StreamChunk",
     "Timings",
     "Tokenization",
     "UnauthenticatedError",
     "UnavailableError",
     "Usage",
+    "Variant",
+    "VariantReport",
 ]

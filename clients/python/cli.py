@@ -1,4 +1,5 @@
-"""``loraplex``: the command line of a loraplex server (generate, chat, tokenize, adapters, status, health).
+"""``loraplex``: the command line of a loraplex server (generate, chat, tokenize, adapters, routes, ab report,
+feedback, status, health).
 
 Human-readable output by default (generated text streams to the terminal); ``--json`` prints one JSON object per
 result for scripts. The server address, token and TLS files come from flags or ``LORAPLEX_TARGET`` /
@@ -15,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from loraplex.client import render
+from loraplex.client import cli_routes, render
 from loraplex.client.channel import DEFAULT_TARGET
 from loraplex.client.errors import LoraplexError
 from loraplex.client.sync import Client
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", parents=[output], help="what the server holds and how busy it is")
     health = commands.add_parser("health", parents=[output], help="grpc.health.v1 status; exit 1 unless SERVING")
     health.add_argument("--service", help="one service (default: the server and each service)")
+    cli_routes.add_commands(commands, output)
     return parser
 
 
@@ -178,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
             print(render.to_json(tokens) if args.json else f"{tokens.count} tokens: {list(tokens.token_ids)}")
         elif args.command == "adapters":
             _adapters(client, args)
+        elif args.command in ("routes", "ab", "feedback"):
+            cli_routes.run(client, args)
         elif args.command == "status":
             status = client.status()
             print(render.to_json(status) if args.json else render.status_details(status))

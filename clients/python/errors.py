@@ -22,8 +22,12 @@ class NotFoundError(LoraplexError):
     """Unknown adapter, route or model."""
 
 
+class AlreadyExistsError(LoraplexError):
+    """Feedback for this request was already recorded."""
+
+
 class FailedPreconditionError(LoraplexError):
-    """The adapter exists but the server cannot serve it; the message says why."""
+    """The adapter exists but cannot be served, or a route changed since the request; the message says why."""
 
 
 class ResourceExhaustedError(LoraplexError):
@@ -57,6 +61,7 @@ class InternalServerError(LoraplexError):
 _BY_CODE: dict[grpc.StatusCode, type[LoraplexError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,

@@ -1,4 +1,5 @@
-"""``Client``: the blocking loraplex client (generation, chat, tokenize, adapter admin, status, health)."""
+"""``Client``: the blocking loraplex client (generation, chat, tokenize, routes and feedback, adapter admin, status,
+health)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.client import messages
+from loraplex.client import messages, route_messages
 from loraplex.client.affinity import Metadata, affinity_metadata
 from loraplex.client.base import ClientBase
 from loraplex.client.errors import error_from
@@ -18,13 +19,24 @@ from loraplex.client.retry import NO_RETRIES, RetryPolicy
 from loraplex.client.types import (
     Adapter,
     ChatMessage,
+    FeedbackResult,
     GenerateOptions,
     Generation,
+    Route,
+    RouteReport,
     ServerStatus,
     StreamChunk,
     Tokenization,
 )
-from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraplex.proto.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    generation_pb2_grpc,
+    routing_pb2,
+    routing_pb2_grpc,
+    server_pb2,
+    server_pb2_grpc,
+)
 
 
 class Client(ClientBase):
@@ -38,6 +50,7 @@ class Client(ClientBase):
         self._channel = self.connection.channel()
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self._routing = routing_pb2_grpc.RoutingStub(self._channel)
         self._server = server_pb2_grpc.ServerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -116,6 +129,32 @@ class Client(ClientBase):
     ) -> Tokenization:
         request = messages.tokenize_request(prompt, chat)
         return messages.tokenization(self._call(self._generation.Tokenize, request, timeout))
+
+    # --------------------------------------------------------------------------------------------------- routes
+
+    def list_routes(self, timeout: float | None = None) -> list[Route]:
+        response = self._call(self._routing.ListRoutes, routing_pb2.ListRoutesRequest(), timeout)
+        return [route_messages.route(r) for r in response.routes]
+
+    def set_route(self, route: Route, timeout: float | None = None) -> Route:
+        """Adds or replaces ``route`` (admin); the server loads its adapters first and refuses missing ones."""
+        request = routing_pb2.SetRouteRequest(route=route_messages.route_message(route))
+        return route_messages.route(self._call(self._routing.SetRoute, request, timeout))
+
+    def delete_route(self, name: str, timeout: float | None = None) -> None:
+        self._call(self._routing.DeleteRoute, routing_pb2.DeleteRouteRequest(name=name), timeout)
+
+    def feedback(
+        self, request_id: str, good: bool | None = None, score: float | None = None, timeout: float | None = None
+    ) -> FeedbackResult:
+        """Reports the outcome of a routed request: a good/bad label, a score, or both (once per request)."""
+        request = route_messages.feedback_request(request_id, good, score)
+        return route_messages.feedback_result(self._call(self._routing.Feedback, request, timeout))
+
+    def route_report(self, route: str, timeout: float | None = None) -> RouteReport:
+        """Per-variant statistics of ``route``'s current experiment, with tests against the control."""
+        request = routing_pb2.GetRouteReportRequest(route=route)
+        return route_messages.route_report(self._call(self._routing.GetRouteReport, request, timeout))
 
     # ---------------------------------------------------------------------------------------------------- admin
 

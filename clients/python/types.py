@@ -137,3 +137,86 @@ class ServerStatus:
     adapters_on_device: int
     adapters_on_host: int
     active_streams: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    adapter: str  # adapter id, or "base" for the base model
+    weight: float  # percent of the route's traffic (a route's weights sum to 100)
+
+
+@dataclass(frozen=True)
+class Shadow:
+    adapter: str  # adapter id, or "base"
+    percent: float  # share of the route's requests mirrored to it (answers discarded)
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    variants: tuple[Variant, ...]
+    control: str = ""  # default: the first variant
+    salt: str = ""  # sticky bucketing salt; default: the route name
+    shadow: Shadow | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """Which route variant the feedback was counted for."""
+
+    route: str
+    variant: str
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A variant against the control: difference (variant − control), test statistic, two-sided p-value."""
+
+    difference: float
+    statistic: float
+    p_value: float
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    name: str
+    adapter: str
+    weight: float
+    control: bool
+    requests: int  # assigned to the variant
+    completed: int
+    labelled: int  # feedback with a good/bad label
+    positives: int
+    positive_rate: float | None
+    positive_rate_ci: Interval | None  # Wilson, 95 %
+    scored: int
+    mean_score: float | None
+    mean_score_ci: Interval | None  # Student t, 95 %
+    latency_p50: float | None  # seconds, server side
+    latency_p95: float | None
+    positive_rate_test: Comparison | None  # two-proportion z-test against the control
+    mean_score_test: Comparison | None  # Welch's t-test against the control
+
+
+@dataclass(frozen=True)
+class SampleRatioCheck:
+    chi_square: float
+    degrees_of_freedom: int
+    p_value: float
+    mismatch: bool  # p < 0.001
+
+
+@dataclass(frozen=True)
+class RouteReport:
+    route: str
+    control: str
+    since: datetime  # the experiment's start
+    variants: tuple[VariantReport, ...]
+    sample_ratio: SampleRatioCheck | None  # None without traffic
