@@ -156,4 +156,4 @@ def container(deployment: Manifest, name: str, init: bool = False) -> Manifest:
     spec = deployment["spec"]["template"]["spec"]
     found = [c for c in spec.get("initContainers" if init else "containers", []) if c["name"] == name]
     assert len(found) == 1, f"{deployment['metadata']['name']} has no container {name}"
-    return found[0]
+    return dict(found[0])

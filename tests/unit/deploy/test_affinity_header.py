@@ -34,10 +34,11 @@ class Recorder(generation_pb2_grpc.GenerationServicer):
         self.tokens: list[str] = []
 
     def _record(self, context: grpc.ServicerContext) -> None:
-        values = [value for key, value in context.invocation_metadata() if key == AFFINITY_HEADER]
+        metadata = [(key, str(value)) for key, value in context.invocation_metadata()]
+        values = [value for key, value in metadata if key == AFFINITY_HEADER]
         assert len(values) <= 1
         self.seen.append(values[0] if values else None)
-        self.tokens += [value for key, value in context.invocation_metadata() if key == "authorization"]
+        self.tokens += [value for key, value in metadata if key == "authorization"]
 
     def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
@@ -74,7 +74,7 @@ def mount_of(objects: list[Manifest], volume_kind: str, name: str) -> dict[str, 
     volumes = [v["name"] for v in pod["volumes"] if name in json.dumps(v.get(volume_kind, {}))]
     mounts = [m for m in server_of(objects)["volumeMounts"] if m["name"] in volumes]
     assert len(mounts) == 1, f"the server mounts no {volume_kind} {name}"
-    return mounts[0]
+    return dict(mounts[0])
 
 
 def port_named(spec: Manifest, name: str) -> int:

@@ -1,0 +1,202 @@
+"""Scale-out with adapter affinity, for real on loopback: three ``loraplex-server`` replicas behind Debian's nginx
+running the shipped deploy/nginx template (consistent hashing on x-loraplex-affinity), traffic through
+``loraplex.client``. The same adapter always lands on the same replica; killing a replica under load moves only
+its adapters, fails only the requests in flight on it (UNAVAILABLE), and the client's retries of those succeed.
+Also: the image's HEALTHCHECK command against a real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from transformers import AutoConfig
+
+from loraplex.client import Client, RetryPolicy
+from loraplex.client.affinity import AFFINITY_HEADER
+from loraplex.proto.v1 import generation_pb2_grpc
+from loraplex.server.model.shape import ModelShape
+from tests.support.adapters import write_adapter
+from tests.support.deploy.files import dockerfile_stages
+from tests.support.deploy.nginx import NginxProcess, free_port
+from tests.support.deploy.replicas import owners, running_replicas, served, served_since
+from tests.support.server_process import ServerProcess
+
+REPLICAS = 3
+ADAPTERS = [f"tenant-{index:02d}" for index in range(12)]
+PROMPT = "Write a short note about the weather."
+WORKERS = 6
+CALLS_PER_WORKER = 2  # bounded: 12 calls in all
+LOAD_DEADLINE_S = 240.0
+RETRY = RetryPolicy(max_attempts=6, initial_backoff=0.2, max_backoff=1.0)
+
+
+@dataclass
+class Fleet:
+    replicas: list[ServerProcess]
+    proxy: NginxProcess
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, base_dir: str) -> Iterator[Fleet]:
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(base_dir))
+    root = tmp_path_factory.mktemp("adapters")
+    for index, adapter_id in enumerate(ADAPTERS):
+        write_adapter(root / adapter_id, shape, rank=8, seed=500 + index)
+    logs = tmp_path_factory.mktemp("replicas")
+    with running_replicas(REPLICAS, logs, [root]) as replicas:
+        upstreams = [replica.target for replica in replicas]
+        with NginxProcess.start(tmp_path_factory.mktemp("nginx"), upstreams) as proxy:
+            yield Fleet(replicas, proxy)
+
+
+def generate_each(target: str, adapters: list[str], times: int) -> None:
+    with Client(target, timeout=60) as client:
+        for adapter in adapters:
+            for _ in range(times):
+                client.generate(PROMPT, adapter=adapter, max_new_tokens=1)
+
+
+def test_the_same_adapter_always_lands_on_the_same_replica(fleet: Fleet) -> None:
+    before = served(fleet.replicas)
+    generate_each(fleet.proxy.target, ADAPTERS, times=3)
+    delta = served_since(before, served(fleet.replicas))
+    placement = owners(delta)
+    assert sorted(placement) == ADAPTERS
+    for adapter, replicas in placement.items():
+        assert len(replicas) == 1, f"{adapter} was served by replicas {replicas}"
+        assert delta[replicas[0]][adapter] == 3
+    assert len({replicas[0] for replicas in placement.values()}) >= 2, f"the adapters did not spread: {placement}"
+
+
+def test_the_images_health_check_command_says_serving_or_fails(fleet: Fleet) -> None:
+    (healthcheck,) = dockerfile_stages()["runtime"].args("HEALTHCHECK")
+    command = healthcheck.partition(" CMD ")[2]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the venv's `loraplex`
+
+    def run(port: int) -> int:
+        env = {**os.environ, "PATH": path, "LORAPLEX_SERVER__PORT": str(port)}
+        return subprocess.run(["sh", "-c", command], env=env, timeout=60, check=False).returncode
+
+    assert run(fleet.replicas[0].port) == 0
+    assert run(free_port()) == 1  # nothing listens there
+
+
+class AttemptLog(grpc.UnaryUnaryClientInterceptor):
+    """Every attempt of every unary call: its affinity key and status code (the client's retries included)."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str | None, grpc.StatusCode]] = []
+        self._lock = threading.Lock()
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        outcome = continuation(details, request)
+        key = dict(details.metadata or ()).get(AFFINITY_HEADER)
+        with self._lock:
+            self.attempts.append((None if key is None else str(key), outcome.code()))
+        return outcome
+
+
+class RecordingClient(Client):
+    """``loraplex.client.Client`` whose generation stub goes through an :class:`AttemptLog`."""
+
+    def __init__(self, target: str, log: AttemptLog) -> None:
+        self._log = log
+        super().__init__(target, timeout=120, retry=RETRY)
+
+    def _bind(self) -> None:
+        super()._bind()
+        self._generation = generation_pb2_grpc.GenerationStub(grpc.intercept_channel(self._channel, self._log))
+
+
+@dataclass
+class Load:
+    """WORKERS threads, each making CALLS_PER_WORKER calls over its adapters; outcomes by adapter."""
+
+    client: Client
+    finished: list[str] = field(default_factory=list)
+    failed: list[tuple[str, BaseException]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def worker(self, adapters: list[str], deadline: float) -> None:
+        for call in range(CALLS_PER_WORKER):
+            if time.monotonic() > deadline:
+                return
+            adapter = adapters[call % len(adapters)]
+            try:
+                self.client.generate(PROMPT, adapter=adapter, max_new_tokens=16, ignore_eos=True)
+            except Exception as error:  # every failure is a finding, reported below
+                with self._lock:
+                    self.failed.append((adapter, error))
+            else:
+                with self._lock:
+                    self.finished.append(adapter)
+
+
+def rotated(items: list[str], start: int) -> list[str]:
+    start %= len(items)
+    return items[start:] + items[:start]
+
+
+def wait_for_running_requests(replica: ServerProcess, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with Client(replica.target, timeout=10) as direct:
+        while direct.status().active_streams < 2:
+            assert time.monotonic() < deadline, "the victim never had requests in flight"
+            time.sleep(0.05)
+
+
+def test_a_killed_replica_moves_only_its_adapters_and_only_its_in_flight_requests_fail_then_retry(
+    fleet: Fleet,
+) -> None:
+    # Where each adapter lives now (affinity is stable, so this is where the load will go too).
+    before = served(fleet.replicas)
+    generate_each(fleet.proxy.target, ADAPTERS, times=1)
+    placement = {
+        adapter: replicas[0] for adapter, replicas in owners(served_since(before, served(fleet.replicas))).items()
+    }
+    victim = max(range(REPLICAS), key=lambda index: sum(1 for owner in placement.values() if owner == index))
+    victims_adapters = {adapter for adapter, owner in placement.items() if owner == victim}
+
+    log = AttemptLog()
+    with RecordingClient(fleet.proxy.target, log) as client:
+        load = Load(client)
+        deadline = time.monotonic() + LOAD_DEADLINE_S
+        # Half the workers call the victim's adapters (so it has requests in flight), half the others'.
+        victims, others = sorted(victims_adapters), sorted(set(ADAPTERS) - victims_adapters)
+        assert others, f"every adapter landed on one replica: {placement}"
+        shares = [rotated(victims if n % 2 == 0 else others, n) for n in range(WORKERS)]
+        workers = [threading.Thread(target=load.worker, args=(shares[n], deadline)) for n in range(WORKERS)]
+        for worker in workers:
+            worker.start()
+        wait_for_running_requests(fleet.replicas[victim])
+        fleet.replicas[victim].kill()  # SIGKILL mid-load: no drain, connections just die
+        for worker in workers:
+            worker.join(LOAD_DEADLINE_S + 60)
+    assert not load.failed, f"calls failed for good: {load.failed}"
+    assert len(load.finished) == WORKERS * CALLS_PER_WORKER
+    failed_attempts = [(key, code) for key, code in log.attempts if code != grpc.StatusCode.OK]
+    assert failed_attempts, "no request was in flight on the killed replica"
+    assert {code for _, code in failed_attempts} == {grpc.StatusCode.UNAVAILABLE}, failed_attempts
+    assert {key for key, _ in failed_attempts} <= victims_adapters, "a request on a surviving replica failed"
+
+    # Afterwards: the victim's adapters live on survivors; every other adapter stayed where it was.
+    before = served(fleet.replicas)
+    generate_each(fleet.proxy.target, ADAPTERS, times=2)
+    moved = owners(served_since(before, served(fleet.replicas)))
+    for adapter in ADAPTERS:
+        (now,) = moved[adapter]
+        if adapter in victims_adapters:
+            assert now != victim
+        else:
+            assert now == placement[adapter], f"{adapter} moved from {placement[adapter]} to {now}"
