@@ -165,7 +165,7 @@ class ObservabilitySettings(_Section):
     drift_window: int = Field(500, ge=10, description="latest requests per adapter compared with its reference")
     drift_min_samples: int = Field(100, ge=1, description="requests in the window before drift scores are exported")
     drift_reference_size: int = Field(
-        200, ge=10, description="first requests that form the reference of an adapter without trainer statistics"
+        200, ge=5, description="first requests that form the reference of an adapter without trainer statistics"
     )
 
     @model_validator(mode="after")
