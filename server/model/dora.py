@@ -25,8 +25,13 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
         dense: torch.Tensor = bnbf.dequantize_4bit(weight.data, quant_state)
         return dense.float()
-    scb = getattr(weight, "SCB", None)
-    if weight.dtype == torch.int8 and scb is not None:  # bitsandbytes Int8Params (LLM.int8 row-wise scales)
+    if weight.dtype == torch.int8:  # bitsandbytes Int8Params: LLM.int8 row-wise scales
+        # The scales live on the weight until the layer's first forward, then bitsandbytes moves them to its state.
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = module.state.SCB
+        if scb is None:
+            raise ValueError("int8 layer has no quantization scales (SCB); cannot dequantize it")
         scales: torch.Tensor = scb.float().unsqueeze(1) / 127.0
         return weight.data.float() * scales
     return weight.detach().float()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,8 @@ def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
 
 
 def quiet_bitsandbytes() -> None:
-    """bitsandbytes warns on every int8 matmul on CPU that inputs are cast to float16; once is enough."""
-    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+    """bitsandbytes logs on every int8 matmul with float32 inputs that they are cast to float16."""
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def load_base(settings: ModelSettings) -> LoadedBase:
