@@ -29,10 +29,10 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         # The scales live on the weight until the layer's first forward, then bitsandbytes moves them to its state.
         scb = getattr(weight, "SCB", None)
         if scb is None:
-            scb = module.state.SCB
-        if scb is None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        if not isinstance(scb, torch.Tensor):
             raise ValueError("int8 layer has no quantization scales (SCB); cannot dequantize it")
-        scales: torch.Tensor = scb.float().unsqueeze(1) / 127.0
+        scales = scb.float().unsqueeze(1) / 127.0
         return weight.data.float() * scales
     return weight.detach().float()
 
