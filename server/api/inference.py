@@ -122,8 +122,17 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------------------------------ inference
 
+    @staticmethod
+    def _user_key(request: oip.ModelInferRequest) -> str:
+        if USER_KEY not in request.parameters:
+            return ""
+        parameter = request.parameters[USER_KEY]
+        if parameter.WhichOneof("parameter_choice") != "string_param":
+            raise InvalidRequest(f"the parameter '{USER_KEY}' (a route's sticky key) must be a string")
+        return parameter.string_param
+
     def _prepare(self, request: oip.ModelInferRequest, context: Context, record: RequestTrack) -> _Prepared:
-        user_key = request.parameters[USER_KEY].string_param if USER_KEY in request.parameters else ""
+        user_key = self._user_key(request)
         target = resolve_model(current_tenant(), self._state.router, request.model_name, user_key)
         record.resolved(target)
         if request.model_version:  # a route has one version, like the base model

@@ -18,7 +18,7 @@ from loraplex.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc, routing_pb2, routing_pb2_grpc
 from loraplex.server.api.oip_tensors import serialize_bytes
 from tests.integration.routing.conftest import ADMIN, ROUTE, TEAM_A, TEAM_B, bearer, scrape, start
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerFailed, ServerProcess
 
 PROMPT = "Route this ticket: my invoice is wrong."
 
@@ -63,33 +63,23 @@ def test_a_user_stays_on_one_variant_and_the_response_names_it(channel: grpc.Cha
 
 
 def test_shadow_requests_run_beside_the_caller_and_never_reach_it(
-    channel: grpc.Channel, routing_server: ServerProcess
+    channel: grpc.Channel, routing: routing_pb2_grpc.RoutingStub, routing_server: ServerProcess
 ) -> None:
-    before = _shadow_ok(settled(routing_server))
-    served = [generate(channel, TEAM_A, ROUTE, f"shadow-{i}").served_by.adapter_id for i in range(4)]
-    assert "ab-shadow" not in served
-    # the mirrored copies finish on their own, after the callers' answers
-    assert _shadow_ok(settled(routing_server)) == before + 4
+    name = "team-a-mirror"
+    route = route_message(name, ("a", "ab-v1", 100), shadow="ab-shadow")
+    routing.SetRoute(routing_pb2.SetRouteRequest(route=route), metadata=bearer(ADMIN))
+    served = [generate(channel, TEAM_A, name, f"shadow-{i}").served_by.adapter_id for i in range(4)]
+    assert served == ["ab-v1"] * 4
+    deadline = time.monotonic() + 60
+    while _shadow_ok(scrape(routing_server), name) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the mirrored copies finish on their own, after the callers' answers
+    time.sleep(1)
+    assert _shadow_ok(scrape(routing_server), name) == 4
+    routing.DeleteRoute(routing_pb2.DeleteRouteRequest(name=name), metadata=bearer(ADMIN))
 
 
-def settled(server: ServerProcess) -> str:
-    """The /metrics text once no sequence runs or waits (mirrored requests included)."""
-    for _ in range(200):
-        text = scrape(server)
-        busy = [
-            s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name in ("loraplex_running_requests", "loraplex_waiting_requests")
-        ]
-        if busy and not any(busy):
-            return text
-        time.sleep(0.05)
-    raise AssertionError("the server did not become idle")
-
-
-def _shadow_ok(text: str) -> float:
-    labels = {"adapter": "ab-shadow", "route": ROUTE, "status": "ok", "variant": "shadow:ab-shadow"}
+def _shadow_ok(text: str, route: str) -> float:
+    labels = {"adapter": "ab-shadow", "route": route, "status": "ok", "variant": "shadow:ab-shadow"}
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
@@ -204,6 +194,9 @@ def test_a_route_is_an_open_inference_protocol_model(channel: grpc.Channel) -> N
     assert first.parameters["variant"].string_param == again.parameters["variant"].string_param in ("v1", "v2")
     ready = stub.ModelReady(oip.ModelReadyRequest(name=ROUTE), metadata=bearer(TEAM_A))
     assert ready.ready
+    request.parameters["user_key"].int64_param = 7
+    code, message = code_of(stub.ModelInfer, request, metadata=bearer(TEAM_A))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'user_key' (a route's sticky key) must be a string" in message
     load = oip.RepositoryModelLoadRequest(model_name=ROUTE)
     code, message = code_of(stub.RepositoryModelLoad, load, metadata=bearer(ADMIN))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "is an A/B route" in message
@@ -228,3 +221,22 @@ def test_routes_and_users_survive_a_restart(
         after = [generate(other, ADMIN, name, key).served_by.variant for key in keys]
         assert second.stop() == 0
     assert after == before and len(set(before)) > 1
+
+
+@pytest.mark.parametrize(
+    ("routes", "says"),
+    [
+        ("routes: [", "is not valid YAML"),
+        ("routes: {r: {variants: [{name: a, adapter: ab-v1, weight: 90}]}}", "variant weights must sum to 100"),
+        ("routes: {r: {variants: [{name: a, adapter: missing, weight: 100}]}}", "adapter 'missing' not found"),
+    ],
+)
+def test_a_bad_routes_file_stops_the_start_with_what_to_fix(
+    tmp_path: Path, routing_root: Path, routes: str, says: str
+) -> None:
+    routes_file = tmp_path / "routes.yaml"
+    routes_file.write_text(routes)
+    with pytest.raises(ServerFailed) as failed:
+        start(tmp_path, routing_root, routes_file)
+    assert "exited with 2" in str(failed.value) and "cannot start: routes file" in str(failed.value)
+    assert says in str(failed.value)
