@@ -1,0 +1,31 @@
+"""Figures of the resilience scenarios: what each test measured, against its goal.
+
+A test calls :func:`record` with the scenario's number and name, the figure and whether it met its goal. When
+``LORAPLEX_RESILIENCE_FIGURES`` names a file (``loadtests/run_resilience.py`` sets it), each figure is appended to it
+as one JSON line, so the full run can print a table; otherwise recording does nothing. ``full_run`` tells a test to
+use the full-size variant of its scenario (``LORAPLEX_RESILIENCE_FULL=1``) instead of the quick one of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FIGURES_ENV = "LORAPLEX_RESILIENCE_FIGURES"
+FULL_ENV = "LORAPLEX_RESILIENCE_FULL"
+
+
+def full_run() -> bool:
+    """True when the full-size scenarios were asked for (the ``make resilience`` run), False in the test suite."""
+    return os.environ.get(FULL_ENV) == "1"
+
+
+def record(scenario: int, name: str, figure: str, goal: str, passed: bool) -> None:
+    """Appends one figure of scenario ``scenario`` (1-7, as numbered in the resilience issue) to the figures file."""
+    path = os.environ.get(FIGURES_ENV)
+    if not path:
+        return
+    line = {"scenario": scenario, "name": name, "figure": figure, "goal": goal, "passed": passed}
+    with Path(path).open("a", encoding="utf-8") as out:
+        out.write(json.dumps(line) + "\n")
