@@ -19,6 +19,7 @@ from loraplex.server.model.loader import LoadedBase, load_base, quantization_con
 from loraplex.server.model.random_model import write_random_llama
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
+from tests.support.peft_oracle import peft_generate, peft_logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -93,35 +94,12 @@ def _compare(base: LoadedBase, root: Path, peft: Any) -> tuple[float, float]:
     equal, worst = 0, 0.0
     for name, prompt, outcome in zip(rows, prompts, outcomes, strict=True):
         assert outcome.error is None, outcome.error
-        ids = torch.tensor([prompt], device=CUDA)
-        with torch.no_grad():
-            if name is None:
-                with peft.disable_adapter():
-                    out = peft.generate(
-                        input_ids=ids,
-                        max_new_tokens=MAX_NEW,
-                        min_new_tokens=MAX_NEW,
-                        do_sample=False,
-                        output_logits=True,
-                        return_dict_in_generate=True,
-                    )
-            else:
-                peft.set_adapter(name)
-                out = peft.generate(
-                    input_ids=ids,
-                    max_new_tokens=MAX_NEW,
-                    min_new_tokens=MAX_NEW,
-                    do_sample=False,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-        tokens = out.sequences[0, len(prompt) :].tolist()
+        tokens, want = peft_generate(peft, name, prompt, MAX_NEW, ignore_eos=True)
         equal += tokens == outcome.token_ids
         for step, (mine, theirs) in enumerate(zip(outcome.token_ids, tokens, strict=True)):
-            want = torch.log_softmax(out.logits[step][0].float(), -1)[mine].item()
-            worst = max(worst, abs(outcome.logprobs[step] - want))
             if mine != theirs:
                 break
+            worst = max(worst, abs(outcome.logprobs[step] - want[step]))
     return equal / len(rows), worst
 
 
@@ -171,14 +149,7 @@ def test_engine_on_cuda_nf4_bf16_matches_peft(random_base: Path, tmp_path: Path)
     differences, regrets = [], []
     for name, prompt, outcome in zip(rows, prompts, outcomes, strict=True):
         assert outcome.error is None, outcome.error
-        ids = torch.tensor([[*prompt, *outcome.token_ids]], device=CUDA)
-        with torch.no_grad():
-            if name is None:
-                with peft.disable_adapter():
-                    logits = peft(input_ids=ids).logits[0].float()
-            else:
-                peft.set_adapter(name)
-                logits = peft(input_ids=ids).logits[0].float()
+        logits = peft_logits(peft, name, [*prompt, *outcome.token_ids])
         logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
         for step, token in enumerate(outcome.token_ids):
             differences.append(abs(outcome.logprobs[step] - logprobs[step, token].item()))

@@ -26,6 +26,7 @@ from loraplex.server.model.forward import DecoderForward, SequenceSpan, StepBatc
 from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
+from tests.support.peft_oracle import peft_generate, peft_logits
 
 # name -> write_adapter keyword arguments: ranks 4..64, q,v and all-linear, rsLoRA, patterns, layer subsets, DoRA
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -84,47 +85,12 @@ def peft_model(base: LoadedBase, base_dir: str, adapter_root: Path) -> Any:
     return peft
 
 
-def _peft_generate(peft: Any, adapter: str | None, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
-    input_ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        if adapter is None:
-            with peft.disable_adapter():
-                out = peft.generate(
-                    input_ids=input_ids,
-                    max_new_tokens=MAX_NEW,
-                    do_sample=False,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-        else:
-            peft.set_adapter(adapter)
-            out = peft.generate(
-                input_ids=input_ids,
-                max_new_tokens=MAX_NEW,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-    tokens = out.sequences[0, len(prompt_ids) :].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)]
-    return tokens, logprobs
-
-
-def _peft_logits(peft: Any, adapter: str | None, prompt_ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        if adapter is None:
-            with peft.disable_adapter():
-                return peft(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
-        peft.set_adapter(adapter)
-        return peft(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
-
-
 def test_adapters_change_the_output(base: LoadedBase, peft_model: Any) -> None:
     """Guards the oracle test itself: if adapters did nothing, equality with PEFT would prove nothing."""
     ids = base.tokenizer(PROMPTS[0])["input_ids"]
-    base_logits = _peft_logits(peft_model, None, ids)
+    base_logits = peft_logits(peft_model, None, ids)[-1]
     for name in ADAPTERS:
-        assert (_peft_logits(peft_model, name, ids) - base_logits).abs().max() > 0.5, name
+        assert (peft_logits(peft_model, name, ids)[-1] - base_logits).abs().max() > 0.5, name
 
 
 def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: Path, peft_model: Any) -> None:
@@ -166,7 +132,7 @@ def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: P
     logits = forward(batch).logits
     assert len({p.pool.key for p in placements.values()}) >= 5  # really several pools in one pass
     for row, (name, prompt) in enumerate(rows):
-        want = _peft_logits(peft_model, name, base.tokenizer(prompt)["input_ids"])
+        want = peft_logits(peft_model, name, base.tokenizer(prompt)["input_ids"])[-1]
         diff = (logits[row] - want).abs().max().item()
         assert diff <= 1e-3, f"{name}: max |logit diff| {diff}"
 
@@ -193,7 +159,7 @@ def test_engine_mixed_batch_generates_peft_tokens(
     for name, prompt, outcome in zip(names, PROMPTS, outcomes, strict=True):
         assert outcome.error is None, outcome.error
         prompt_ids = engine.tokenize(messages=(ChatMessage("user", prompt),))
-        want_tokens, want_logprobs = _peft_generate(peft_model, name, prompt_ids)
+        want_tokens, want_logprobs = peft_generate(peft_model, name, prompt_ids, MAX_NEW)
         assert outcome.token_ids == want_tokens, f"{name}: {outcome.text!r}"
         assert max(abs(a - b) for a, b in zip(outcome.logprobs, want_logprobs, strict=True)) <= 1e-3
         assert outcome.finished is not None

@@ -16,6 +16,7 @@ from loraplex.server.engine.types import ChatMessage, GenerationRequest, Samplin
 from loraplex.server.model.loader import LoadedBase, load_base, quantization_config, quiet_bitsandbytes
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
+from tests.support.peft_oracle import peft_generate
 
 ADAPTERS: dict[str, dict[str, Any]] = {
     "qv-r8": {"rank": 8, "targets": QV, "strength": 2.0},
@@ -81,29 +82,9 @@ def test_quantized_engine_matches_peft_on_the_same_base(
             exact = [run_all(engine, [replace(r, request_id=r.request_id + "-alone")])[0] for r in requests]
         for name, prompt, outcome in zip(rows, PROMPTS[: len(rows)], exact, strict=True):
             assert outcome.error is None, outcome.error
-            ids = torch.tensor([engine.tokenize(messages=(ChatMessage("user", prompt),))])
-            with torch.no_grad():
-                if name is None:
-                    with peft.disable_adapter():
-                        out = peft.generate(
-                            input_ids=ids,
-                            max_new_tokens=MAX_NEW,
-                            do_sample=False,
-                            output_logits=True,
-                            return_dict_in_generate=True,
-                        )
-                else:
-                    peft.set_adapter(name)
-                    out = peft.generate(
-                        input_ids=ids,
-                        max_new_tokens=MAX_NEW,
-                        do_sample=False,
-                        output_logits=True,
-                        return_dict_in_generate=True,
-                    )
-            tokens = out.sequences[0, ids.shape[1] :].tolist()
+            ids = engine.tokenize(messages=(ChatMessage("user", prompt),))
+            tokens, want = peft_generate(peft, name, ids, MAX_NEW)
             assert outcome.token_ids == tokens, name
-            want = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, tokens, strict=True)]
             assert max(abs(a - b) for a, b in zip(outcome.logprobs, want, strict=True)) <= TOLERANCE[quantization], name
     finally:
         engine.stop()
