@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -77,6 +78,26 @@ def _eval(args: argparse.Namespace) -> None:
         write_eval_report(args.output, report)
 
 
+def _reference(args: argparse.Namespace) -> None:
+    """Recomputes the drift reference statistics on held-out data and rewrites them into the manifest."""
+    from loraplex.server.lora.manifest import AdapterManifest
+    from loraplex.trainer.model import load_trained
+    from loraplex.trainer.reference import reference_stats
+
+    config = _run_config(args.adapter, args.base_model)
+    if args.data:
+        config = config.model_copy(update={"val_datasets": tuple(DatasetSpec.model_validate(d) for d in args.data)})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peft_model, tokenizer = load_trained(args.adapter, config, device)
+    examples, _ = held_out(config, tokenizer)
+    reference = reference_stats(peft_model, tokenizer, examples, config.eval_batch_size, device)
+    if reference is None:
+        raise ConfigError("no held-out examples to compute reference statistics from; pass --data PATH:FORMAT")
+    manifest = AdapterManifest.from_dict(json.loads((args.adapter / MANIFEST_FILE).read_text()))
+    replace(manifest, reference=reference).write(args.adapter)
+    print(f"reference statistics of {reference.num_examples} examples written to {args.adapter / MANIFEST_FILE}")
+
+
 def _export(args: argparse.Namespace) -> None:
     from loraplex.trainer.export import ONNX_FILE, export_onnx, merge
 
@@ -104,6 +125,11 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--base-model", default=None, help="override the base recorded in the manifest")
     evaluate.add_argument("--output", type=Path, default=None, help="directory for eval_report.{json,md}")
     evaluate.set_defaults(run=_eval)
+    refresh = commands.add_parser("reference", help="recompute the drift reference statistics in loraplex.json")
+    refresh.add_argument("adapter", type=Path, help="adapter directory written by loraplex-train")
+    refresh.add_argument("--data", action="append", default=[], metavar="PATH:FORMAT", help="held-out file(s)")
+    refresh.add_argument("--base-model", default=None, help="override the base recorded in the manifest")
+    refresh.set_defaults(run=_reference)
     export = commands.add_parser("export", help="merge the adapter into its base; optionally to ONNX")
     export.add_argument("adapter", type=Path, help="adapter directory written by loraplex-train")
     export.add_argument("--merge", action="store_true", help="merge the adapter into the (float) base")

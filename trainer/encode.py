@@ -99,12 +99,14 @@ class Encoder:
         return self._ids(self.render(example.messages[:last], generation_prompt=True))
 
     def completion_ids(self, example: Example) -> list[int]:
-        """The tokens of the last completion including its end token: what a served model should generate."""
-        return (
+        """The tokens of the last completion up to and including its end token: what a served model generates
+        (the server stops at the end token, so template text after it, like a newline, is not part of it)."""
+        ids = (
             self._text_segments(example)[1][0]
             if isinstance(example, TextExample)
             else self._chat_segments(example)[-1][0]
         )
+        return ids[: ids.index(self.eos_id) + 1] if self.eos_id in ids else ids
 
 
 def reference_text(example: Example) -> str:

@@ -54,7 +54,11 @@ def test_prompt_ids_match_the_servers_tokenization(tokenizer: Any) -> None:
     encoded = encoder.encode(single)
     assert list(encoded.input_ids[: len(served)]) == served  # training sees the same prompt ids
     assert all(label == IGNORE for label in encoded.labels[: len(served)])
-    assert encoder.completion_ids(single) == list(encoded.input_ids[len(served) :])
+    # What the server generates and counts: the answer and its end token, not the template's newline after it.
+    completion = encoder.completion_ids(single)
+    assert completion == list(encoded.input_ids[len(served) : len(served) + len(completion)])
+    assert tokenizer.decode(completion) == "Blue<|im_end|>"
+    assert completion[-1] == tokenizer.eos_token_id
 
 
 def test_prompt_completion_masks_prompt_and_ends_with_eos(tokenizer: Any) -> None:
