@@ -1,7 +1,9 @@
 """Server interceptors: errors → status codes (outermost), then authentication and admin checks.
 
 Both wrap the servicer's behaviour in an async context manager that runs around the whole call, streaming or not.
-Health and reflection are left alone: probes and ``grpcurl list`` need no token.
+Health and reflection are left alone: probes and ``grpcurl list`` need no token. A request whose bytes are not a
+valid message of the method's type (truncated, invalid UTF-8 in a string, wrong wire types) is INVALID_ARGUMENT,
+raised inside the calls' context managers (after authentication) instead of gRPC's own UNKNOWN.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
@@ -16,6 +19,7 @@ import grpc
 from loraplex.server.api.auth import OPEN_ACCESS, TokenTable, set_current_tenant
 from loraplex.server.api.errors import status_of
 from loraplex.server.api.state import Context
+from loraplex.server.engine.errors import InvalidRequest
 
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
 
@@ -26,6 +30,7 @@ ADMIN_METHODS = frozenset(
     {
         "/loraplex.v1.Adapters/LoadAdapter",
         "/loraplex.v1.Adapters/UnloadAdapter",
+        "/loraplex.v1.Adapters/UploadAdapter",
         "/inference.GRPCInferenceService/RepositoryModelLoad",
         "/inference.GRPCInferenceService/RepositoryModelUnload",
         "/loraplex.v1.Routing/SetRoute",
@@ -44,27 +49,68 @@ def _service(method: str) -> str:
     return method.lstrip("/").partition("/")[0]
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the request deserializer returns for bytes that are not a valid message."""
+
+    error: str
+
+
+class _CheckedDeserializer:
+    """The method's deserializer, returning :class:`_Undecodable` instead of raising (gRPC would answer UNKNOWN)."""
+
+    def __init__(self, deserialize: Callable[[bytes], Any]) -> None:
+        self._deserialize = deserialize
+
+    def __call__(self, data: bytes) -> Any:
+        try:
+            return self._deserialize(data)
+        except Exception as exc:  # DecodeError, or a UnicodeDecodeError from a string field
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+
+def _decoded(request: Any, method: str) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequest(f"the request is not a valid message for {method} ({request.error}); check the proto")
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request, method)
+
+
 def wrap_handler(
     handler: grpc.RpcMethodHandler[Any, Any],
     method: str,
     around: Callable[[Context, str], AbstractAsyncContextManager[None]],
 ) -> Any:
-    """``handler`` with its behaviour run inside ``around(context, method)``."""
+    """``handler`` with its behaviour run inside ``around(context, method)``; the innermost wrapper (the first to
+    wrap the deserializer) refuses undecodable requests."""
     streaming = (handler.request_streaming, handler.response_streaming)
     behavior: Any = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    deserializer = handler.request_deserializer
+    checks = deserializer is not None and not isinstance(deserializer, _CheckedDeserializer)
+    if checks and deserializer is not None:
+        deserializer = _CheckedDeserializer(deserializer)
+
+    def checked(request: Any) -> Any:
+        if not checks:
+            return request
+        return _decoded_stream(request, method) if handler.request_streaming else _decoded(request, method)
 
     async def single(request: Any, context: Context) -> Any:
         async with around(context, method):
-            return await behavior(request, context)
+            return await behavior(checked(request), context)
 
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-        async with around(context, method), aclosing(behavior(request, context)) as responses:
+        async with around(context, method), aclosing(behavior(checked(request), context)) as responses:
             async for response in responses:
                 yield response
 
     return _FACTORIES[streaming](
         stream if handler.response_streaming else single,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
 
