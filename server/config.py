@@ -73,6 +73,22 @@ class AdapterSettings(_Section):
     max_file_bytes: int = Field(1 * GIB, ge=1, description="largest adapter weights file read")
     loader_threads: int = Field(2, ge=1, le=64, description="threads that read adapters from disk")
     preload: tuple[str, ...] = Field((), description="adapter ids loaded at start-up")
+    upload_root: Path | None = Field(
+        None, description="adapter root that UploadAdapter writes into (one of roots); unset = the first root"
+    )
+
+    @model_validator(mode="after")
+    def _upload_root_is_a_root(self) -> AdapterSettings:
+        if self.upload_root is not None and self.upload_root.resolve() not in {r.resolve() for r in self.roots}:
+            raise ValueError(
+                f"adapters.upload_root {self.upload_root} is not one of adapters.roots; uploaded adapters must "
+                "land where adapter ids resolve: add it to roots"
+            )
+        return self
+
+    def upload_directory(self) -> Path | None:
+        """The root uploads are written under: upload_root, else the first root (None without roots)."""
+        return self.upload_root or (self.roots[0] if self.roots else None)
 
 
 class EngineSettings(_Section):

@@ -1,10 +1,12 @@
-"""``loraplex-train``: train | eval | export.
+"""``loraplex-train``: train | eval | reference | export | push.
 
 - ``loraplex-train train CONFIG.yaml [--key value ...]``: every config key is also a flag; under
   ``torchrun --nproc_per_node N`` it trains data-parallel.
 - ``loraplex-train eval ADAPTER_DIR [--data PATH:FORMAT ...]``: loss, perplexity and generation metrics of adapter
   and base side by side, on the run's held-out data (from its manifest) or on the given files.
+- ``loraplex-train reference ADAPTER_DIR [--data PATH:FORMAT ...]``: recompute the drift reference statistics.
 - ``loraplex-train export ADAPTER_DIR --merge --output DIR [--format onnx]``: the merged HF model, and ONNX.
+- ``loraplex-train push ADAPTER_DIR --server HOST:PORT [--adapter-id ID]``: upload to a server and hot-load it.
 
 Bad input exits with status 2 and one message saying what to fix, before any training starts.
 """
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from loraplex.client.cli import add_connection_flags
 from loraplex.server.lora.format import MANIFEST_FILE
 from loraplex.trainer.config import DatasetSpec, TrainConfig, add_flags, flag_values, load_config
 from loraplex.trainer.data import held_out
-from loraplex.trainer.errors import ConfigError, TrainerError
+from loraplex.trainer.errors import ConfigError, PushError, TrainerError
 
 log = logging.getLogger("loraplex.trainer")
 
@@ -111,6 +114,22 @@ def _export(args: argparse.Namespace) -> None:
         print(f"ONNX model written to {merged / ONNX_FILE}; max abs logit difference vs torch: {worst:.3e}")
 
 
+def _push(args: argparse.Namespace) -> None:
+    from loraplex.client.cli import client_from_args
+    from loraplex.client.errors import LoraplexError
+
+    adapter_id = args.adapter_id or args.adapter.resolve().name
+    try:
+        with client_from_args(args) as client:
+            adapter = client.upload_adapter(args.adapter, adapter_id, args.pin)
+    except (LoraplexError, FileNotFoundError) as exc:
+        raise PushError(f"push to {args.target} failed: {exc}") from exc
+    print(
+        f"pushed {args.adapter} to {args.target} as '{adapter.adapter_id}' version {adapter.version} "
+        f"(rank {adapter.rank}, {adapter.size_bytes} bytes, {adapter.tier}); serving now"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="loraplex-train", description="LoRA adapters that loraplex serves as-is")
     commands = root.add_subparsers(dest="command", required=True)
@@ -137,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("hf", "onnx"), default="hf", help="hf, or onnx (also writes hf)")
     export.add_argument("--base-model", default=None, help="override the base recorded in the manifest")
     export.set_defaults(run=_export)
+    push = commands.add_parser("push", help="upload the adapter to a loraplex server and hot-load it (admin)")
+    push.add_argument("adapter", type=Path, help="adapter directory written by loraplex-train")
+    push.add_argument("--adapter-id", default=None, help="id it is served under (default: the directory's name)")
+    push.add_argument("--pin", action="store_true", default=None, help="keep it on the server's device")
+    add_connection_flags(push, "--server")
+    push.set_defaults(run=_push)
     return root
 
 

@@ -13,3 +13,7 @@ class ConfigError(TrainerError):
 
 class DataError(TrainerError):
     """A dataset is unreadable, empty, of an unknown format, or has records without the fields it needs."""
+
+
+class PushError(TrainerError):
+    """The server refused the pushed adapter or could not be reached; the message carries the server's reason."""

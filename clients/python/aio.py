@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -27,6 +28,7 @@ from loraplex.client.types import (
     StreamChunk,
     Tokenization,
 )
+from loraplex.client.uploads import UploadChunks
 from loraplex.proto.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -74,7 +76,9 @@ class AsyncClient(ClientBase):
         attempts = self._attempts(timeout, retry)
         while True:
             try:
-                return await method(request, timeout=attempts.remaining(), metadata=self.connection.metadata() + extra)
+                # A request stream (an upload) is iterated afresh by every attempt.
+                message = iter(request) if isinstance(request, Iterable) else request
+                return await method(message, timeout=attempts.remaining(), metadata=self.connection.metadata() + extra)
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.after(error))
 
@@ -174,6 +178,13 @@ class AsyncClient(ClientBase):
     async def load_adapter(self, adapter_id: str, pin: bool | None = None, timeout: float | None = None) -> Adapter:
         request = messages.load_request(adapter_id, pin)
         return messages.adapter(await self._call(self._adapters.LoadAdapter, request, timeout))
+
+    async def upload_adapter(
+        self, directory: Path, adapter_id: str, pin: bool | None = None, timeout: float | None = None
+    ) -> Adapter:
+        """Copies the adapter in ``directory`` onto the server as ``adapter_id`` and loads it (admin)."""
+        chunks = UploadChunks(directory, adapter_id, pin)
+        return messages.adapter(await self._call(self._adapters.UploadAdapter, chunks, timeout))
 
     async def unload_adapter(self, adapter_id: str, timeout: float | None = None) -> None:
         request = adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id)

@@ -39,9 +39,10 @@ _SAMPLING_FLAGS: dict[str, type] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraplex", description="Talk to a loraplex server.")
-    parser.add_argument("--target", default=os.environ.get("LORAPLEX_TARGET", DEFAULT_TARGET), help="host:port")
+def add_connection_flags(parser: argparse.ArgumentParser, *address_flags: str) -> None:
+    """The flags that say how to reach a server (address, token, TLS, deadline); ``client_from_args`` reads them."""
+    target = os.environ.get("LORAPLEX_TARGET", DEFAULT_TARGET)
+    parser.add_argument(*address_flags, dest="target", default=target, help="host:port ($LORAPLEX_TARGET)")
     parser.add_argument("--token", default=os.environ.get("LORAPLEX_TOKEN"), help="bearer token ($LORAPLEX_TOKEN)")
     parser.add_argument("--token-file", type=Path, help="file holding the bearer token")
     parser.add_argument("--tls", action="store_true", help="use TLS (implied by the certificate flags)")
@@ -49,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-cert", type=Path, help="mutual TLS: this client's PEM certificate")
     parser.add_argument("--client-key", type=Path, help="mutual TLS: this client's PEM private key")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each call in seconds")
+
+
+def client_from_args(args: argparse.Namespace) -> Client:
+    """A client for the server named by the flags of ``add_connection_flags``."""
+    token = args.token_file.read_text().strip() if args.token_file else args.token
+    options: dict[str, Any] = {"token": token, "tls": args.tls, "ca_cert": args.ca_cert}
+    options |= {"client_cert": args.client_cert, "client_key": args.client_key}
+    return Client(args.target, timeout=args.timeout, **{k: v for k, v in options.items() if v is not None})
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Talk to a loraplex server.")
+    add_connection_flags(parser, "--target")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     output = argparse.ArgumentParser(add_help=False)  # --json also after the command
     output.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of text")
@@ -71,10 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     tokenize = commands.add_parser("tokenize", parents=[output], help="token ids of a prompt")
     tokenize.add_argument("prompt")
 
-    adapters = commands.add_parser("adapters", help="list, show, load or unload adapters").add_subparsers(
+    adapters = commands.add_parser("adapters", help="list, show, load, unload or upload adapters").add_subparsers(
         dest="action", required=True
     )
     adapters.add_parser("list", parents=[output], help="the loaded adapters")
+    upload = adapters.add_parser("upload", parents=[output], help="copy a local adapter directory onto the server")
+    upload.add_argument("directory", type=Path, help="PEFT adapter directory (adapter_config.json + safetensors)")
+    upload.add_argument("adapter_id", help="the id it is served under")
+    upload.add_argument("--pin", action="store_true", default=None, help="keep it on the device")
     for action in ("show", "load", "unload"):
         sub = adapters.add_parser(action, parents=[output], help=f"{action} one adapter")
         sub.add_argument("adapter_id")
@@ -87,13 +105,6 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--service", help="one service (default: the server and each service)")
     cli_routes.add_commands(commands, output)
     return parser
-
-
-def _client(args: argparse.Namespace) -> Client:
-    token = args.token_file.read_text().strip() if args.token_file else args.token
-    options: dict[str, Any] = {"token": token, "tls": args.tls, "ca_cert": args.ca_cert}
-    options |= {"client_cert": args.client_cert, "client_key": args.client_key}
-    return Client(args.target, timeout=args.timeout, **{k: v for k, v in options.items() if v is not None})
 
 
 def _options(args: argparse.Namespace) -> GenerateOptions:
@@ -154,6 +165,8 @@ def _adapters(client: Client, args: argparse.Namespace) -> None:
         return
     if args.action == "load":
         adapter = client.load_adapter(args.adapter_id, args.pin)
+    elif args.action == "upload":
+        adapter = client.upload_adapter(args.directory, args.adapter_id, args.pin)
     else:
         adapter = client.get_adapter(args.adapter_id)
     print(render.to_json(adapter) if args.json else render.adapter_details(adapter))
@@ -170,7 +183,7 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_from_args(args) as client:
         if args.command == "generate":
             _generate(client, args)
         elif args.command == "chat":

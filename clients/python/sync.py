@@ -4,7 +4,8 @@ health)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -28,6 +29,7 @@ from loraplex.client.types import (
     StreamChunk,
     Tokenization,
 )
+from loraplex.client.uploads import UploadChunks
 from loraplex.proto.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -76,7 +78,9 @@ class Client(ClientBase):
         attempts = self._attempts(timeout, retry)
         while True:
             try:
-                return method(request, timeout=attempts.remaining(), metadata=self.connection.metadata() + extra)
+                # A request stream (an upload) is iterated afresh by every attempt.
+                message = iter(request) if isinstance(request, Iterable) else request
+                return method(message, timeout=attempts.remaining(), metadata=self.connection.metadata() + extra)
             except grpc.RpcError as error:
                 time.sleep(attempts.after(error))
 
@@ -169,6 +173,13 @@ class Client(ClientBase):
     def load_adapter(self, adapter_id: str, pin: bool | None = None, timeout: float | None = None) -> Adapter:
         request = messages.load_request(adapter_id, pin)
         return messages.adapter(self._call(self._adapters.LoadAdapter, request, timeout))
+
+    def upload_adapter(
+        self, directory: Path, adapter_id: str, pin: bool | None = None, timeout: float | None = None
+    ) -> Adapter:
+        """Copies the adapter in ``directory`` onto the server as ``adapter_id`` and loads it (admin)."""
+        chunks = UploadChunks(directory, adapter_id, pin)
+        return messages.adapter(self._call(self._adapters.UploadAdapter, chunks, timeout))
 
     def unload_adapter(self, adapter_id: str, timeout: float | None = None) -> None:
         self._call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id), timeout)

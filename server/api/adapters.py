@@ -1,9 +1,10 @@
-"""The loraplex.v1 Adapters servicer (load, unload, list, get) and the adapter-load wait it shares with the OIP
-model-repository calls."""
+"""The loraplex.v1 Adapters servicer (load, unload, list, get, upload) and the adapter-load wait it shares with the
+OIP model-repository calls."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -12,6 +13,8 @@ from loraplex.server.api import convert
 from loraplex.server.api.auth import Tenant, current_tenant
 from loraplex.server.api.state import Context, ServingState
 from loraplex.server.engine.errors import InvalidRequest
+from loraplex.server.lora.sources import AdapterRoots
+from loraplex.server.lora.upload import AdapterUpload, InvalidUpload, UploadConflict, UploadedFile, upload_target
 
 
 async def load_adapter(state: ServingState, tenant: Tenant, adapter_id: str, pin: bool | None) -> None:
@@ -42,6 +45,7 @@ def unload_adapter(state: ServingState, tenant: Tenant, adapter_id: str) -> None
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, state: ServingState) -> None:
         self._state = state
+        self._uploading: set[str] = set()
 
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: Context) -> adapters_pb2.Adapter:
         pin = request.pin if request.HasField("pin") else None
@@ -68,3 +72,53 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             raise InvalidRequest("adapter_id is empty: name the adapter to show")
         current_tenant().check_adapter(request.adapter_id)
         return convert.adapter_message(self._state.engine().adapter_info(request.adapter_id))
+
+    async def UploadAdapter(
+        self, request_iterator: AsyncIterator[adapters_pb2.UploadAdapterChunk], context: Context
+    ) -> adapters_pb2.Adapter:
+        tenant = current_tenant()
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidUpload("the first message of UploadAdapter must be the header (adapter id and files)")
+        header = first.header
+        if not header.adapter_id:
+            raise InvalidUpload("adapter_id is empty: name the adapter to upload")
+        tenant.check_adapter(header.adapter_id)
+        if header.adapter_id in self._uploading:
+            raise UploadConflict(f"an upload of adapter '{header.adapter_id}' is running; wait for it to finish")
+        self._uploading.add(header.adapter_id)
+        # Installing and loading finish even when the caller goes away, so the files on disk and the served version
+        # always agree.
+        task = asyncio.ensure_future(self._receive_and_load(tenant, header, request_iterator))
+        task.add_done_callback(lambda _: self._uploading.discard(header.adapter_id))
+        await asyncio.shield(task)
+        return convert.adapter_message(self._state.engine().adapter_info(header.adapter_id))
+
+    async def _receive_and_load(
+        self,
+        tenant: Tenant,
+        header: adapters_pb2.UploadAdapterHeader,
+        chunks: AsyncIterator[adapters_pb2.UploadAdapterChunk],
+    ) -> None:
+        settings = self._state.settings.adapters
+        upload_root = settings.upload_directory()
+        if upload_root is None:
+            raise UploadConflict("the server has no adapter root to upload into; start it with --adapter-root")
+        target = upload_target(AdapterRoots.of(settings.roots), upload_root, header.adapter_id)
+        files = [UploadedFile(f.name, f.size_bytes, f.sha256) for f in header.files]
+        upload = await asyncio.to_thread(AdapterUpload, target, upload_root, files, settings.max_file_bytes)
+        try:
+            async for chunk in chunks:
+                if chunk.HasField("header"):
+                    raise InvalidUpload("only the first message of UploadAdapter may be a header")
+                await asyncio.to_thread(upload.write, chunk.data)
+            installed = await asyncio.to_thread(upload.install)
+        except BaseException:
+            await asyncio.to_thread(upload.abort)
+            raise
+        try:
+            await load_adapter(self._state, tenant, header.adapter_id, header.pin if header.HasField("pin") else None)
+        except BaseException:
+            await asyncio.to_thread(installed.rollback)
+            raise
+        await asyncio.to_thread(installed.commit)

@@ -1,8 +1,8 @@
 """The one place that maps errors to gRPC status codes, and the few errors the API layer raises itself.
 
-Engine errors (``server/engine/errors.py``) and routing errors (``server/routing/errors.py``) keep their
-meaning; the API adds authentication and authorization failures. Anything else is a bug: it becomes INTERNAL with
-a generic message and is logged in full.
+Engine errors (``server/engine/errors.py``), routing errors (``server/routing/errors.py``) and adapter upload
+errors (``server/lora/upload.py``) keep their meaning; the API adds authentication and authorization failures.
+Anything else is a bug: it becomes INTERNAL with a generic message and is logged in full.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ from loraplex.server.engine.errors import (
     InvalidRequest,
     Overloaded,
     ShuttingDown,
+)
+from loraplex.server.lora.upload import (
+    InvalidUpload,
+    UploadConflict,
+    UploadError,
+    UploadStorageFailed,
+    UploadStorageFull,
 )
 from loraplex.server.routing.errors import (
     FeedbackExists,
@@ -75,12 +82,19 @@ ROUTING_CODES: dict[type[RoutingError], grpc.StatusCode] = {
     RoutesFileError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
+UPLOAD_CODES: dict[type[UploadError], grpc.StatusCode] = {
+    InvalidUpload: grpc.StatusCode.INVALID_ARGUMENT,
+    UploadConflict: grpc.StatusCode.ABORTED,
+    UploadStorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UploadStorageFailed: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
 
 def code_of(error: Exception) -> grpc.StatusCode | None:
     """The status code of a known error type; None for anything unexpected (a bug)."""
     if isinstance(error, ApiError):
         return error.code
-    for kind, code in (*ENGINE_CODES.items(), *ROUTING_CODES.items()):
+    for kind, code in (*ENGINE_CODES.items(), *ROUTING_CODES.items(), *UPLOAD_CODES.items()):
         if isinstance(error, kind):
             return code
     return None

@@ -54,6 +54,11 @@ class AdaptersStub:
                 request_serializer=loraplex_dot_v1_dot_adapters__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_adapters__pb2.Adapter.FromString,
                 _registered_method=True)
+        self.UploadAdapter = channel.stream_unary(
+                '/loraplex.v1.Adapters/UploadAdapter',
+                request_serializer=loraplex_dot_v1_dot_adapters__pb2.UploadAdapterChunk.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_adapters__pb2.Adapter.FromString,
+                _registered_method=True)
 
 
 class AdaptersServicer:
@@ -86,6 +91,16 @@ class AdaptersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadAdapter(self, request_iterator, context):
+        """Copies an adapter directory onto the server (under its upload root, adapters.upload_root) and loads it: the
+        hand-off from a trainer that shares no disk with the server. The first message is the header, the rest carry
+        the files' bytes in header order. The files are checked (names, sizes, SHA-256) and installed whole: an
+        adapter of the same id is replaced only once the new one loads, and kept when it does not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdaptersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +122,11 @@ def add_AdaptersServicer_to_server(servicer, server):
             'GetAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAdapter,
                     request_deserializer=loraplex_dot_v1_dot_adapters__pb2.GetAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_adapters__pb2.Adapter.SerializeToString,
+            ),
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=loraplex_dot_v1_dot_adapters__pb2.UploadAdapterChunk.FromString,
                     response_serializer=loraplex_dot_v1_dot_adapters__pb2.Adapter.SerializeToString,
             ),
     }
@@ -217,6 +237,33 @@ class Adapters:
             target,
             '/loraplex.v1.Adapters/GetAdapter',
             loraplex_dot_v1_dot_adapters__pb2.GetAdapterRequest.SerializeToString,
+            loraplex_dot_v1_dot_adapters__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/loraplex.v1.Adapters/UploadAdapter',
+            loraplex_dot_v1_dot_adapters__pb2.UploadAdapterChunk.SerializeToString,
             loraplex_dot_v1_dot_adapters__pb2.Adapter.FromString,
             options,
             channel_credentials,

@@ -42,6 +42,12 @@ class AdaptersStub:
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.ListAdaptersRequest, _adapters_pb2.ListAdaptersResponse]
     """The loaded adapters (sorted by id)."""
     GetAdapter: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.GetAdapterRequest, _adapters_pb2.Adapter]
+    UploadAdapter: _grpc.StreamUnaryMultiCallable[_adapters_pb2.UploadAdapterChunk, _adapters_pb2.Adapter]
+    """Copies an adapter directory onto the server (under its upload root, adapters.upload_root) and loads it: the
+    hand-off from a trainer that shares no disk with the server. The first message is the header, the rest carry
+    the files' bytes in header order. The files are checked (names, sizes, SHA-256) and installed whole: an
+    adapter of the same id is replaced only once the new one loads, and kept when it does not.
+    """
 
 @_typing.type_check_only
 class AdaptersAsyncStub(AdaptersStub):
@@ -53,6 +59,12 @@ class AdaptersAsyncStub(AdaptersStub):
     ListAdapters: _aio.UnaryUnaryMultiCallable[_adapters_pb2.ListAdaptersRequest, _adapters_pb2.ListAdaptersResponse]  # type: ignore[assignment]
     """The loaded adapters (sorted by id)."""
     GetAdapter: _aio.UnaryUnaryMultiCallable[_adapters_pb2.GetAdapterRequest, _adapters_pb2.Adapter]  # type: ignore[assignment]
+    UploadAdapter: _aio.StreamUnaryMultiCallable[_adapters_pb2.UploadAdapterChunk, _adapters_pb2.Adapter]  # type: ignore[assignment]
+    """Copies an adapter directory onto the server (under its upload root, adapters.upload_root) and loads it: the
+    hand-off from a trainer that shares no disk with the server. The first message is the header, the rest carry
+    the files' bytes in header order. The files are checked (names, sizes, SHA-256) and installed whole: an
+    adapter of the same id is replaced only once the new one loads, and kept when it does not.
+    """
 
 class AdaptersServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -85,5 +97,17 @@ class AdaptersServicer(metaclass=_abc_1.ABCMeta):
         request: _adapters_pb2.GetAdapterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_adapters_pb2.Adapter, _abc.Awaitable[_adapters_pb2.Adapter]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadAdapter(
+        self,
+        request_iterator: _MaybeAsyncIterator[_adapters_pb2.UploadAdapterChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_adapters_pb2.Adapter, _abc.Awaitable[_adapters_pb2.Adapter]]:
+        """Copies an adapter directory onto the server (under its upload root, adapters.upload_root) and loads it: the
+        hand-off from a trainer that shares no disk with the server. The first message is the header, the rest carry
+        the files' bytes in header order. The files are checked (names, sizes, SHA-256) and installed whole: an
+        adapter of the same id is replaced only once the new one loads, and kept when it does not.
+        """
 
 def add_AdaptersServicer_to_server(servicer: AdaptersServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from loraplex.proto.v1 import generation_pb2, server_pb2, server_pb2_grpc
+from tests.support.server_process import ServerProcess
 
 ADAPTERS = tuple(f"t{i:02d}" for i in range(20))
 PROMPT = "Write a short poem about the sea."
@@ -61,3 +62,15 @@ def run_stock_client(target: str, *flags: str) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr[-3000:]
     report: dict[str, Any] = json.loads(done.stdout)
     return report
+
+
+def cli(server: ServerProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs the ``loraplex`` CLI against ``server``."""
+    return subprocess.run(
+        [sys.executable, "-m", "loraplex.client.cli", "--target", server.target, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

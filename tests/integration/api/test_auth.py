@@ -116,6 +116,11 @@ def test_admin_rpcs_need_an_admin_tenant_and_lists_show_only_what_a_tenant_may_u
         grpc.StatusCode.PERMISSION_DENIED,
         "tenant 'team-a' may not call the admin RPC /loraplex.v1.Adapters/LoadAdapter",
     )
+    upload = adapters_pb2.UploadAdapterChunk(header=adapters_pb2.UploadAdapterHeader(adapter_id="t03"))
+    assert status(adapters.UploadAdapter, iter([upload]), metadata=bearer(TEAM_A)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "tenant 'team-a' may not call the admin RPC /loraplex.v1.Adapters/UploadAdapter",
+    )
     unload = oip_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload
     code, _ = status(unload, oip.RepositoryModelUnloadRequest(model_name="t01"), metadata=bearer(TEAM_A))
     assert code == grpc.StatusCode.PERMISSION_DENIED

@@ -10,19 +10,8 @@ import sys
 import pytest
 
 from loraplex.client import Client
-from tests.integration.api.helpers import ADAPTERS, PROMPT
+from tests.integration.api.helpers import ADAPTERS, PROMPT, cli
 from tests.support.server_process import ServerProcess
-
-
-def cli(server: ServerProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loraplex.client.cli", "--target", server.target, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")
