@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import yaml
 
 from loraplex.client.affinity import AFFINITY_HEADER
 from loraplex.server.config import Settings
+from loraplex.server.routing.routes import route_from_spec
 from loraplex.server.routing.routes_file import parse as parse_routes
+from loraplex.server.routing.store import RouteStore
 from tests.support.deploy.files import (
     DEPLOY,
     K8S,
@@ -156,10 +159,65 @@ def test_the_pods_settings_are_valid_and_match_the_pod(
     assert settings.auth.tokens_file is not None and settings.auth.tokens_file.parent == Path(tokens["mountPath"])
     config = mount_of(objects, "configMap", "loraplex-config")
     assert config["readOnly"] and server["args"] == ["--config", f"{config['mountPath']}/config.yaml"]
-    assert settings.routing.routes_file is not None and settings.routing.routes_file.parent == Path(config["mountPath"])
-    routes = find(objects, "ConfigMap", "loraplex-config")["data"][settings.routing.routes_file.name]
-    parse_routes(routes, "routes.yaml")
+    parse_routes(find(objects, "ConfigMap", "loraplex-config")["data"]["routes.yaml"], "routes.yaml")
     assert mount_of(objects, "persistentVolumeClaim", "loraplex-adapters")["readOnly"]
+
+
+def holding_mount(spec: Manifest, path: Path) -> dict[str, Any]:
+    """The mount of container ``spec`` under which ``path`` lies (the deepest one)."""
+    holding = [m for m in spec["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    assert holding, f"{spec['name']} mounts nothing holding {path}"
+    return dict(max(holding, key=lambda m: len(m["mountPath"])))
+
+
+def run_seed(seed: Manifest, env: dict[str, str]) -> None:
+    """The seed-routes init container's command, run here with its paths pointed at local directories."""
+    done = subprocess.run(
+        seed["command"], env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_the_routes_file_is_writable_and_seeded_from_the_configmap(
+    rendered: dict[str, list[Manifest]], overlay: str, tmp_path: Path
+) -> None:
+    """SetRoute/DeleteRoute rewrite routing.routes_file atomically (temporary file + rename in its directory), which
+    a ConfigMap mount forbids: the file lies on a writable emptyDir that an init container seeds from the ConfigMap's
+    routes.yaml, once per pod (a restarted pod sandbox keeps the routes changed through the API)."""
+    objects = rendered[overlay]
+    deployment = find(objects, "Deployment", "loraplex")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    server = server_of(objects)
+    routes_path = settings_of(objects, overlay, tmp_path).routing.routes_file
+    assert routes_path is not None
+    state = holding_mount(server, routes_path)
+    assert not state.get("readOnly") and "emptyDir" in volumes[state["name"]], "the routes file is writable"
+    config = mount_of(objects, "configMap", "loraplex-config")
+    assert not routes_path.is_relative_to(config["mountPath"])
+
+    seed = container(deployment, "seed-routes", init=True)
+    assert seed["image"] == server["image"]  # no other image to pull
+    env = {e["name"]: e["value"] for e in seed["env"]}
+    assert Path(env["ROUTES"]) == routes_path
+    assert holding_mount(seed, routes_path) == {"name": state["name"], "mountPath": state["mountPath"]}
+    seed_config = holding_mount(seed, Path(env["SEED"]))
+    assert seed_config["name"] == config["name"] and seed_config["readOnly"]
+    assert Path(env["SEED"]).relative_to(seed_config["mountPath"]) == Path("routes.yaml")
+
+    # The command itself, on local stand-ins for the two volumes.
+    shipped = find(objects, "ConfigMap", "loraplex-config")["data"]["routes.yaml"]
+    (tmp_path / "configmap").mkdir()
+    (tmp_path / "configmap" / "routes.yaml").write_text(shipped)
+    (tmp_path / "state").mkdir()
+    local = {"SEED": str(tmp_path / "configmap" / "routes.yaml"), "ROUTES": str(tmp_path / "state" / "routes.yaml")}
+    run_seed(seed, local)
+    assert Path(local["ROUTES"]).read_text() == shipped
+    store = RouteStore.open(Path(local["ROUTES"]), max_routes=10)  # what the server opens at start-up
+    store.set(route_from_spec("support-bot", {"variants": [{"name": "v1", "adapter": "a", "weight": 100}]}))
+    run_seed(seed, local)  # the pod sandbox restarts: the change made through the API stays
+    assert set(parse_routes(Path(local["ROUTES"]).read_text(), "routes.yaml")) == {"support-bot"}
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["routes.yaml"]  # no temporary file left
 
 
 def test_the_gpu_overlay_asks_for_a_gpu_and_loads_an_nf4_base_from_its_volume(
@@ -234,7 +292,10 @@ def test_the_adapter_sync_component_fills_the_adapters_volume_before_the_server_
     (sync_mount,) = [m for m in sync["volumeMounts"] if m["name"] == server_mount["name"]]
     assert not sync_mount.get("readOnly") and server_mount["readOnly"]
     assert sync["args"][-1] == sync_mount["mountPath"] and sync["args"][0] == "copy"  # never deletes
-    assert "initContainers" not in find(rendered["cpu"], "Deployment", "loraplex")["spec"]["template"]["spec"]
+    cpu = find(rendered["cpu"], "Deployment", "loraplex")["spec"]["template"]["spec"]
+    assert [c["name"] for c in cpu["initContainers"]] == ["seed-routes"]
+    init = {c["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"]}
+    assert init == {"seed-routes", "adapter-sync"}  # independent of each other: any order
 
 
 # ---------------------------------------------------------------------------------------------------------- Envoy
