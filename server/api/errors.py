@@ -100,10 +100,24 @@ def code_of(error: Exception) -> grpc.StatusCode | None:
     return None
 
 
+# Messages often quote what the client sent (an id, a route name); the status travels in a trailer, and gRPC
+# clients drop trailers over 8-16 KiB (non-ASCII is percent-encoded: up to 12 bytes a character) with
+# RESOURCE_EXHAUSTED instead of the real code. So the message is cut to this many characters.
+MAX_MESSAGE_CHARS = 512
+
+
+def bounded(message: str) -> str:
+    """``message``, cut to MAX_MESSAGE_CHARS with a mark when it is longer."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    mark = " … (message truncated)"
+    return message[: MAX_MESSAGE_CHARS - len(mark)] + mark
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and client message for ``error``; unexpected errors are logged with their traceback."""
     code = code_of(error)
     if code is not None:
-        return code, str(error)
+        return code, bounded(str(error))
     log.error("unexpected error in an RPC", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); the server logged the details"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from loraplex.server.api.errors import PermissionDenied, Unauthenticated, status_of
+from loraplex.server.api.errors import MAX_MESSAGE_CHARS, PermissionDenied, Unauthenticated, status_of
 from loraplex.server.engine import errors as engine
 from loraplex.server.routing import errors as routing
 
@@ -45,3 +45,12 @@ def test_unexpected_errors_are_internal_without_their_text(caplog: pytest.LogCap
     code, message = status_of(KeyError("secret internals"))
     assert code == grpc.StatusCode.INTERNAL and "secret" not in message and "KeyError" in message
     assert "unexpected error" in caplog.text
+
+
+def test_messages_quoting_huge_client_input_are_cut_to_fit_a_trailer() -> None:
+    name = "🦙" * 100_000  # percent-encoded, the whole name would be 1.2 MB of trailer: clients drop it
+    code, message = status_of(routing.InvalidRoute(f"route name {name!r} is not valid"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(message) == MAX_MESSAGE_CHARS and message.startswith("route name '🦙")
+    assert message.endswith(" … (message truncated)")
+    assert status_of(routing.InvalidRoute("x" * MAX_MESSAGE_CHARS))[1] == "x" * MAX_MESSAGE_CHARS
