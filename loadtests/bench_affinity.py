@@ -1,0 +1,306 @@
+"""Adapter affinity vs round robin across replicas: adapter cache hit rate, throughput and p99 time to first token.
+
+Several real ``loraplex-server`` replicas (embedded base, small per-replica adapter caches) sit behind Debian's nginx
+running the shipped deploy/nginx template: once as shipped (consistent hashing on ``x-loraplex-affinity``), once
+with its ``hash`` line removed (nginx's round robin). Both replay the same trace: requests over many synthetic
+adapters with Zipf-like popularity, streamed through ``loraplex.client.AsyncClient`` by a fixed number of
+closed-loop workers. Policies alternate in ABBA order; every round uses fresh adapter ids (hard links to the same
+weight files), so each round starts with cold adapter caches and the replicas stay up. Hit rates come from the
+replicas' ``/metrics`` (``loraplex_adapter_cache_requests_total{tier,result}``), TTFT is what the client sees.
+
+The ratios (affinity ÷ round robin) come from the same run, the same replicas and the same trace, overall and per
+ABBA pair (the spread of the pairs shows how much a shared machine moved them).
+
+    .venv/bin/python loadtests/bench_affinity.py           # the BENCHMARKS.md numbers (~9 min on 2 cores)
+    .venv/bin/python loadtests/bench_affinity.py --quick   # a smoke run (~4 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.support: the server and nginx launchers shared with the integration tests
+
+from loraplex.client import AsyncClient  # noqa: E402
+from loraplex.server.config import default_cache_dir  # noqa: E402
+from loraplex.server.lora.synthetic import ALL_LINEAR, write_adapter  # noqa: E402
+from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
+from loraplex.server.model.shape import ModelShape  # noqa: E402
+from tests.support.deploy.nginx import Balance, NginxProcess  # noqa: E402
+from tests.support.deploy.replicas import running_replicas  # noqa: E402
+from tests.support.server_process import ServerProcess  # noqa: E402
+
+METRICS_LOG = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+PROMPTS = (
+    "Summarize the customer's complaint in one sentence.",
+    "Classify this ticket: my invoice shows the wrong amount.",
+    "Extract the order number from: order 4471 never arrived.",
+    "Rewrite politely: send me the report now.",
+)
+CacheCounts = dict[tuple[str, str], float]  # (tier, result) -> requests
+
+
+@dataclass(frozen=True)
+class Workload:
+    replicas: int = 3
+    adapters: int = 24
+    rank: int = 16
+    requests: int = 96  # per round
+    concurrency: int = 6
+    max_new_tokens: int = 8
+    zipf: float = 1.0  # popularity of adapter i ∝ 1/(i+1)^zipf
+    device_slots: int = 6  # per replica
+    host_adapters: int = 8  # per replica: the host LRU holds this many adapters
+    rounds: int = 4  # ABBA...
+    seed: int = 7
+
+
+@dataclass
+class Round:
+    policy: str
+    ttft: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+    cache: CacheCounts = field(default_factory=dict)
+    per_replica: list[float] = field(default_factory=list)  # requests each replica served
+
+
+def trace(load: Workload) -> list[tuple[int, str]]:
+    """The requests of one round: (adapter index, prompt), the same for every round and policy."""
+    rng = random.Random(load.seed)
+    weights = [1 / (index + 1) ** load.zipf for index in range(load.adapters)]
+    return [(rng.choices(range(load.adapters), weights)[0], rng.choice(PROMPTS)) for _ in range(load.requests)]
+
+
+def adapter_id(round_index: int, index: int) -> str:
+    return f"r{round_index}-tenant-{index:02d}"
+
+
+def write_adapters(root: Path, load: Workload) -> int:
+    """Round 0's adapters, then hard links of their files under every later round's ids; returns bytes each."""
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(resolve_model_dir("embedded", default_cache_dir())))
+    for index in range(load.adapters):
+        write_adapter(root / adapter_id(0, index), shape, load.rank, ALL_LINEAR, seed=1000 + index)
+        for round_index in range(1, load.rounds):
+            linked = root / adapter_id(round_index, index)
+            linked.mkdir()
+            for file in (root / adapter_id(0, index)).iterdir():
+                os.link(file, linked / file.name)
+    return sum(f.stat().st_size for f in (root / adapter_id(0, 0)).iterdir())
+
+
+def metrics_url(replica: ServerProcess) -> str:
+    found = replica.wait_for_log(METRICS_LOG)
+    return f"http://127.0.0.1:{found.group(2)}/metrics"
+
+
+def scrape(url: str) -> tuple[CacheCounts, float]:
+    """The replica's adapter cache lookups by (tier, result) and the requests it has finished."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    cache: CacheCounts = defaultdict(float)
+    served = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "loraplex_adapter_cache_requests_total":
+                cache[(sample.labels["tier"], sample.labels["result"])] += sample.value
+            elif sample.name == "loraplex_requests_total":
+                served += sample.value
+    return dict(cache), served
+
+
+async def replay(target: str, round_index: int, requests: Sequence[tuple[int, str]], load: Workload) -> Round:
+    """Closed loop: ``load.concurrency`` workers stream the requests in order; TTFT as the client sees it."""
+    result = Round(policy="")
+    pending = list(requests)
+    async with AsyncClient(target, timeout=300) as client:
+
+        async def worker() -> None:
+            while pending:
+                index, prompt = pending.pop(0)
+                started = time.perf_counter()
+                first: float | None = None
+                try:
+                    stream = client.stream(
+                        prompt,
+                        adapter=adapter_id(round_index, index),
+                        max_new_tokens=load.max_new_tokens,
+                        ignore_eos=True,
+                    )
+                    async for _chunk in stream:
+                        first = first or time.perf_counter() - started
+                except Exception:
+                    result.errors += 1
+                    continue
+                if first is not None:
+                    result.ttft.append(first)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+def run_round(
+    replicas: list[ServerProcess], urls: list[str], policy: Balance, round_index: int, load: Workload, run_dir: Path
+) -> Round:
+    before = [scrape(url) for url in urls]
+    upstreams = [replica.target for replica in replicas]
+    with NginxProcess.start(run_dir / f"nginx-{round_index}", upstreams, policy) as proxy:
+        result = asyncio.run(replay(proxy.target, round_index, trace(load), load))
+    after = [scrape(url) for url in urls]
+    result.policy = str(policy)
+    for (old_cache, old_served), (new_cache, new_served) in zip(before, after, strict=True):
+        for key, value in new_cache.items():
+            result.cache[key] = result.cache.get(key, 0.0) + value - old_cache.get(key, 0.0)
+        result.per_replica.append(new_served - old_served)
+    return result
+
+
+def hit_rate(cache: CacheCounts, tier: str) -> float:
+    hits, misses = cache.get((tier, "hit"), 0.0), cache.get((tier, "miss"), 0.0)
+    return hits / (hits + misses) if hits + misses else float("nan")
+
+
+def summary(rounds: list[Round], load: Workload) -> dict[str, float | str]:
+    cache: CacheCounts = defaultdict(float)
+    for result in rounds:
+        for key, value in result.cache.items():
+            cache[key] += value
+    ttft = np.array([t for result in rounds for t in result.ttft])
+    done = len(ttft)
+    seconds = sum(result.seconds for result in rounds)
+    spread = [max(r.per_replica) / (sum(r.per_replica) / len(r.per_replica)) for r in rounds if sum(r.per_replica)]
+    return {
+        "policy": rounds[0].policy,
+        "requests": done,
+        "errors": sum(result.errors for result in rounds),
+        "device_hit_rate": hit_rate(cache, "device"),
+        "host_hit_rate": hit_rate(cache, "host"),
+        "requests_per_s": done / seconds,
+        "tokens_per_s": done * load.max_new_tokens / seconds,
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "busiest_replica_vs_mean": float(np.mean(spread)),
+    }
+
+
+def table(rows: list[dict[str, float | str]]) -> str:
+    head = (
+        "| policy | requests | errors | device-slot hit rate | host-cache hit rate | requests/s | tokens/s "
+        "| TTFT p50 (s) | TTFT p99 (s) | busiest replica / mean |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for row in rows:
+        lines.append(
+            f"| {row['policy']} | {row['requests']} | {row['errors']} | {row['device_hit_rate']:.1%} "
+            f"| {row['host_hit_rate']:.1%} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} "
+            f"| {row['ttft_p50_s']:.2f} | {row['ttft_p99_s']:.2f} | {row['busiest_replica_vs_mean']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+RATIOS = (  # (label, summary key, higher is better)
+    ("device-slot hit rate", "device_hit_rate", True),
+    ("host-cache hit rate", "host_hit_rate", True),
+    ("requests/s", "requests_per_s", True),
+    ("TTFT p50", "ttft_p50_s", False),
+    ("TTFT p99", "ttft_p99_s", False),
+)
+
+
+def ratios(affinity: list[Round], round_robin: list[Round], load: Workload) -> list[dict[str, float | str]]:
+    """Affinity ÷ round robin for each figure: over all rounds, and the lowest and highest over the ABBA pairs."""
+    overall = summary(affinity, load), summary(round_robin, load)
+    pairs = [(summary([a], load), summary([r], load)) for a, r in zip(affinity, round_robin, strict=True)]
+    rows: list[dict[str, float | str]] = []
+    for label, key, higher_better in RATIOS:
+        per_pair = [float(a[key]) / float(r[key]) for a, r in pairs]
+        rows.append(
+            {
+                "figure": label,
+                "better": "higher" if higher_better else "lower",
+                "ratio": float(overall[0][key]) / float(overall[1][key]),
+                "pair_min": min(per_pair),
+                "pair_max": max(per_pair),
+            }
+        )
+    return rows
+
+
+def ratio_table(rows: list[dict[str, float | str]]) -> str:
+    lines = ["| affinity ÷ round robin | better when | all rounds | per ABBA pair (min – max) |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['figure']} | {row['better']} | {row['ratio']:.2f}× "
+            f"| {row['pair_min']:.2f}× – {row['pair_max']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def schedule(rounds: int) -> list[Balance]:
+    """ABBA...: each policy gets the same share of early and late rounds (drift on a shared machine cancels)."""
+    order = [Balance.AFFINITY, Balance.ROUND_ROBIN]
+    return [order[(i + (i // 2)) % 2] for i in range(rounds)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Workload()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 40 requests")
+    args = parser.parse_args()
+    values = {name: getattr(args, name) for name in asdict(defaults)}
+    if args.quick:
+        values |= {"requests": 40, "rounds": 2}
+    load = Workload(**values)
+    with tempfile.TemporaryDirectory(prefix="bench-affinity-") as scratch:
+        root = Path(scratch) / "adapters"
+        root.mkdir()
+        adapter_bytes = write_adapters(root, load)
+        flags = (
+            f"--adapters.device-slots={load.device_slots}",
+            f"--adapters.host-bytes={load.host_adapters * adapter_bytes + (1 << 20)}",
+            "--engine.max-running=8",
+        )
+        print(f"{load}\nadapter size {adapter_bytes / 2**20:.1f} MiB; starting {load.replicas} replicas", flush=True)
+        with running_replicas(load.replicas, Path(scratch), [root], *flags) as replicas:
+            urls = [metrics_url(replica) for replica in replicas]
+            rounds: dict[str, list[Round]] = defaultdict(list)
+            for round_index, policy in enumerate(schedule(load.rounds)):
+                result = run_round(replicas, urls, policy, round_index, load, Path(scratch))
+                rounds[str(policy)].append(result)
+                print(
+                    f"round {round_index} {policy}: {len(result.ttft)} requests in {result.seconds:.1f} s, "
+                    f"device hit rate {hit_rate(result.cache, 'device'):.1%}, per replica {result.per_replica}",
+                    flush=True,
+                )
+    rows = [summary(rounds[str(policy)], load) for policy in (Balance.AFFINITY, Balance.ROUND_ROBIN)]
+    compared = ratios(rounds[str(Balance.AFFINITY)], rounds[str(Balance.ROUND_ROBIN)], load)
+    print(table(rows))
+    print()
+    print(ratio_table(compared))
+    print(json.dumps({"workload": asdict(load), "results": rows, "ratios": compared}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
