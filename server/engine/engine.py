@@ -303,11 +303,12 @@ class Engine:
         with self._lock:
             if request.request_id in self._live:
                 raise InvalidRequest(f"request_id '{request.request_id}' is already in flight")
-            waiting = len(self._live) - self._running_count
-            if waiting >= self.settings.engine.max_queue:
-                raise Overloaded(
-                    f"{waiting} requests are queued (engine.max_queue={self.settings.engine.max_queue}); retry later"
-                )
+            # Bound the requests in flight, not the ones not yet stepped: a request that finds a free running slot
+            # waits for no one, even before the next step moves it from the inbox into the batch.
+            eng = self.settings.engine
+            if len(self._live) >= eng.max_running + eng.max_queue:
+                waiting = len(self._live) - self._running_count
+                raise Overloaded(f"{waiting} requests are queued (engine.max_queue={eng.max_queue}); retry later")
             self._live[request.request_id] = seq
         self._inbox.put(seq)
         self._wake.set()

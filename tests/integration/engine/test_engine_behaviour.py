@@ -185,6 +185,12 @@ def test_full_queue_is_refused_at_once(engine_factory: Any, root: Path) -> None:
     asyncio.run(main())
 
 
+def test_free_running_slots_do_not_count_against_the_queue(engine_factory: Any, root: Path) -> None:
+    engine: Engine = engine_factory([root], engine={"max_running": 3, "max_queue": 1})
+    outcomes = run_all(engine, [req(f"Item {i}.", max_new_tokens=2) for i in range(4)])  # all before a step
+    assert [o.error for o in outcomes] == [None] * 4
+
+
 def test_small_kv_cache_queues_instead_of_failing(engine_factory: Any, root: Path) -> None:
     engine: Engine = engine_factory([root], engine={"kv_cache_tokens": 300, "max_seq_len": 120})
     outcomes = run_all(engine, [req(f"Item {i}.", max_new_tokens=40, ignore_eos=True) for i in range(6)])
