@@ -68,7 +68,7 @@ class RoutingServicer(routing_pb2_grpc.RoutingServicer):
         if request.label != routing_pb2.FEEDBACK_LABEL_UNSPECIFIED and request.label not in _LABELS:
             raise InvalidFeedback(f"unknown feedback label {request.label}: use GOOD or BAD (or none with a score)")
         router = self._state.router
-        current_tenant().check_route(router.served(request.request_id).route)
+        router.served(request.request_id, current_tenant().may_use_route)  # another tenant's: as if unknown
         score = request.score if request.HasField("score") else None
         served = router.feedback(request.request_id, _LABELS.get(request.label), score)
         if request.label in _LABELS:

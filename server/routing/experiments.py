@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex.server.routing.abstats import Moments
@@ -84,10 +85,12 @@ class Experiments:
             while len(self._served) > self._retention:
                 self._served.popitem(last=False)
 
-    def served(self, request_id: str) -> Served:
+    def served(self, request_id: str, visible: Callable[[str], bool] | None = None) -> Served:
+        """What served ``request_id``; UnknownRequest when it is not remembered, or when its route is not
+        ``visible`` to the caller (another tenant learns neither the route nor that the request exists)."""
         with self._lock:
             served = self._served.get(request_id)
-        if served is None:
+        if served is None or (visible is not None and not visible(served.route)):
             raise UnknownRequest(
                 f"no routed request '{request_id}' is remembered: feedback must name the request_id of a request "
                 f"served through a route, among the last {self._retention} (routing.feedback_retention)"

@@ -4,6 +4,7 @@ happened, manage routes, take feedback and build reports."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraplex.server.config import RoutingSettings
@@ -71,9 +72,10 @@ class Router:
 
     # -------------------------------------------------------------------------------------------------- outcomes
 
-    def served(self, request_id: str) -> Served:
-        """Which route and variant served ``request_id`` (UnknownRequest when it is not remembered)."""
-        return self.experiments.served(request_id)
+    def served(self, request_id: str, visible: Callable[[str], bool] | None = None) -> Served:
+        """Which route and variant served ``request_id`` (UnknownRequest when it is not remembered, or its route
+        is not ``visible``)."""
+        return self.experiments.served(request_id, visible)
 
     def feedback(self, request_id: str, good: bool | None, score: float | None) -> Served:
         served = self.experiments.served(request_id)

@@ -111,3 +111,14 @@ def test_a_skewed_split_flags_a_sample_ratio_mismatch() -> None:
     ratio = router.report("r").sample_ratio
     assert ratio is not None and ratio.mismatch and ratio.p_value < 1e-10
     assert router.sample_ratios()[0][1] == ratio
+
+
+def test_a_request_on_a_route_the_caller_may_not_see_is_reported_as_unknown() -> None:
+    router = make_router()
+    serve(router, "theirs")
+    with pytest.raises(UnknownRequest) as hidden:
+        router.served("theirs", visible=lambda route: route != "r")
+    with pytest.raises(UnknownRequest) as unknown:
+        router.served("never-served", visible=lambda route: route != "r")
+    assert str(hidden.value) == str(unknown.value).replace("never-served", "theirs")  # same answer, no route name
+    assert router.served("theirs", visible=lambda route: route == "r").route == "r"
