@@ -94,7 +94,14 @@ class AdapterSettings(_Section):
 class EngineSettings(_Section):
     """Continuous batching, KV cache and request limits."""
 
-    max_queue: int = Field(256, ge=1, description="requests waiting beyond this are refused (Overloaded)")
+    max_queue: int = Field(
+        None,  # filled in by _derive_queue
+        ge=1,
+        validate_default=True,
+        description="requests waiting beyond this are refused (Overloaded); unset = max_running // 2 (at least 1): "
+        "a queued request then starts within about half a batch's service time, so admitted requests stay within "
+        "~1.5x the latency at capacity (set it higher to absorb bursts at the cost of latency)",
+    )
     max_running: int = Field(32, ge=1, description="sequences in the running batch")
     max_batch_tokens: int = Field(512, ge=16, description="tokens (prefill + decode) in one forward pass")
     kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens, all sequences together")
@@ -110,6 +117,17 @@ class EngineSettings(_Section):
         description="decode attention: per_sequence reads each KV region in place (fastest on CPU); gathered "
         "batches all decode rows into one call (fewer launches on CUDA); auto picks by device",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_queue(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("max_queue") is None:
+            try:
+                running = int(data.get("max_running", cls.model_fields["max_running"].default))
+            except (TypeError, ValueError):
+                return data  # max_running's own validation says what is wrong
+            return {**data, "max_queue": max(1, running // 2)}
+        return data
 
 
 class ServerSettings(_Section):

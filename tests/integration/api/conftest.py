@@ -24,6 +24,7 @@ SERVER_FLAGS = (
     f"--engine.max-new-tokens={MAX_NEW_TOKENS}",
     "--engine.kv-cache-tokens=16384",
     "--engine.max-seq-len=4096",
+    "--engine.max-queue=256",  # test_concurrency sends 200 requests at once: a deep queue absorbs the burst
     f"--server.max-prompt-chars={MAX_PROMPT_CHARS}",
     "--server.default-max-new-tokens=8",
 )

@@ -13,7 +13,9 @@ from loraplex.server.config import SettingsError, add_flags, flag_overrides, loa
 def test_defaults() -> None:
     settings = load_settings(environ={})
     assert settings.model.base_model == "embedded"
-    assert settings.engine.max_queue == 256
+    assert settings.engine.max_queue == 16  # derived: max_running // 2
+    assert load_settings(environ={"LORAPLEX_ENGINE__MAX_RUNNING": "5"}).engine.max_queue == 2
+    assert load_settings(environ={"LORAPLEX_ENGINE__MAX_RUNNING": "1"}).engine.max_queue == 1
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
