@@ -17,14 +17,13 @@ from typing import ClassVar, Unpack
 import grpc.experimental.gevent as grpc_gevent
 from locust import User
 
+from loadtests.entries import E2E_SUFFIX, TTFT_SUFFIX
 from loraplex.client import Client, Generation, StreamChunk
 from loraplex.client.types import GenerateOptions
 
 grpc_gevent.init_gevent()
 
 REQUEST_TYPE = "grpc"
-TTFT_SUFFIX = " ttft"
-E2E_SUFFIX = " e2e"
 
 
 class CheckFailed(Exception):

@@ -36,22 +36,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # loadtests.*: this file's siblings
 
 from loadtests.adapter_files import rewrite_weights  # noqa: E402
-from loadtests.grpc_user import E2E_SUFFIX, TTFT_SUFFIX, CheckFailed, GrpcUser  # noqa: E402
+from loadtests.entries import (  # noqa: E402
+    ADMIN_GENERATE,
+    ADMIN_LOAD,
+    ADMIN_REPLACE,
+    ADMIN_UNLOAD,
+    E2E_NAMES,
+    ROUTED,
+    STREAM,
+    TTFT_NAMES,
+    UNARY,
+)
+from loadtests.grpc_user import CheckFailed, GrpcUser  # noqa: E402
 from loadtests.thresholds import Thresholds, observe, violations  # noqa: E402
 from loadtests.workload import Distribution, RequestMix, adapter_ids, prompt_text  # noqa: E402
 from loraplex.client import Client, Route, Variant  # noqa: E402
 
 log = logging.getLogger("loraplex.loadtest")
 
-STREAM = "GenerateStream"
-UNARY = "Generate"
-ROUTED = "Generate route"
-ADMIN_LOAD = "admin LoadAdapter"
-ADMIN_REPLACE = "admin replace"
-ADMIN_GENERATE = "admin Generate new version"
-ADMIN_UNLOAD = "admin UnloadAdapter"
-TTFT_NAMES = (STREAM + TTFT_SUFFIX,)
-E2E_NAMES = (STREAM + E2E_SUFFIX, UNARY, ROUTED)
 CREATED_ROUTE = "loadtest-ab"
 
 OPTIONS: tuple[tuple[str, type, Any, str], ...] = (

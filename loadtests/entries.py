@@ -1,0 +1,18 @@
+"""Names of the request entries the Locust load test reports (rows of its CSV), in a module without Locust, so
+tests and scripts read them without gevent's monkey-patching."""
+
+from __future__ import annotations
+
+TTFT_SUFFIX = " ttft"
+E2E_SUFFIX = " e2e"
+
+STREAM = "GenerateStream"  # reported twice: STREAM + TTFT_SUFFIX and STREAM + E2E_SUFFIX
+UNARY = "Generate"
+ROUTED = "Generate route"
+ADMIN_LOAD = "admin LoadAdapter"
+ADMIN_REPLACE = "admin replace"
+ADMIN_GENERATE = "admin Generate new version"
+ADMIN_UNLOAD = "admin UnloadAdapter"
+
+TTFT_NAMES = (STREAM + TTFT_SUFFIX,)  # time-to-first-token samples, not calls
+E2E_NAMES = (STREAM + E2E_SUFFIX, UNARY, ROUTED)  # generation calls (latency and throughput thresholds)
