@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,16 +55,23 @@ def _run_config(adapter_dir: Path, base_model: str | None) -> TrainConfig:
     return load_config(None, record)
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from loraplex.trainer.evaluate import evaluate
+def _load_for_held_out(args: argparse.Namespace) -> tuple[TrainConfig, torch.device, Any, Any]:
+    """The run's config (held-out files replaced by ``--data``), the device, and the trained adapter on its base."""
     from loraplex.trainer.model import load_trained
-    from loraplex.trainer.report import write_eval_report
 
     config = _run_config(args.adapter, args.base_model)
     if args.data:
         config = config.model_copy(update={"val_datasets": tuple(DatasetSpec.model_validate(d) for d in args.data)})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peft_model, tokenizer = load_trained(args.adapter, config, device)
+    return config, device, peft_model, tokenizer
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from loraplex.trainer.evaluate import evaluate
+    from loraplex.trainer.report import write_eval_report
+
+    config, device, peft_model, tokenizer = _load_for_held_out(args)
     examples, encoded = held_out(config, tokenizer)
     report = evaluate(
         peft_model,
@@ -84,14 +92,9 @@ def _eval(args: argparse.Namespace) -> None:
 def _reference(args: argparse.Namespace) -> None:
     """Recomputes the drift reference statistics on held-out data and rewrites them into the manifest."""
     from loraplex.server.lora.manifest import AdapterManifest
-    from loraplex.trainer.model import load_trained
     from loraplex.trainer.reference import reference_stats
 
-    config = _run_config(args.adapter, args.base_model)
-    if args.data:
-        config = config.model_copy(update={"val_datasets": tuple(DatasetSpec.model_validate(d) for d in args.data)})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peft_model, tokenizer = load_trained(args.adapter, config, device)
+    config, device, peft_model, tokenizer = _load_for_held_out(args)
     examples, _ = held_out(config, tokenizer)
     reference = reference_stats(peft_model, tokenizer, examples, config.eval_batch_size, device)
     if reference is None:

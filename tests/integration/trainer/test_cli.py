@@ -31,6 +31,14 @@ def test_train_eval_export(tiny_base: Path, tmp_path: Path, capsys: pytest.Captu
     assert set(report["adapter"]) >= {"loss", "perplexity", "exact_match", "token_f1", "rouge_l"}
     assert report["adapter"]["loss"] != report["base"]["loss"]
 
+    # reference: recomputed on other held-out data, written into the manifest, everything else kept
+    before = json.loads((out / "loraplex.json").read_text())
+    held = write_jsonl(tmp_path / "held.jsonl", alpaca_records(5))
+    main(["reference", str(out), "--data", f"{held}:alpaca"])
+    after = json.loads((out / "loraplex.json").read_text())
+    assert after["reference"]["num_examples"] == 5 != before["reference"]["num_examples"]
+    assert {k: v for k, v in after.items() if k != "reference"} == {k: v for k, v in before.items() if k != "reference"}
+
     merged = tmp_path / "merged"
     main(["export", str(out), "--merge", "--output", str(merged), "--format", "onnx"])
     printed = capsys.readouterr().out
