@@ -73,12 +73,13 @@ class ServingState:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self) -> None:
-        """Health goes NOT_SERVING for good, new calls get UNAVAILABLE, the engine stops accepting."""
+        """Health goes NOT_SERVING for good, then new calls get UNAVAILABLE and the engine stops accepting (in this
+        order: a balancer watching health stops sending before any call is refused)."""
+        await self._health.enter_graceful_shutdown()
         self.phase = Phase.DRAINING
         self.shadow.cancel_all()
         if self._engine is not None:
             self._engine.begin_drain()
-        await self._health.enter_graceful_shutdown()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Waits until no generation RPC is in flight; False if some still are after ``timeout`` seconds."""
