@@ -25,6 +25,7 @@ from loraplex.server.config import Settings
 from loraplex.server.engine.batch import build_step
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.server.engine.errors import (
+    AdapterRejected,
     Cancelled,
     DeadlineExceeded,
     EngineError,
@@ -433,7 +434,8 @@ class Engine:
         output = self.forward(built.batch)
         self.steps += 1
         adapters = {id(chunk.seq.adapter) for chunk in chunks if chunk.seq.adapter is not None}
-        tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
+        logits, sampled = self._drop_non_finite(output.logits, built.sampled)
+        tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in sampled])
         if output.prompt_hidden_sums is not None:
             sums = output.prompt_hidden_sums.tolist()
             for chunk, row in zip(built.pooled, sums, strict=True):
@@ -445,10 +447,34 @@ class Engine:
                 )
         for chunk in built.chunks:
             chunk.seq.num_computed += chunk.num_tokens
-        for chunk, token, logprob in zip(built.sampled, tokens, logprobs, strict=True):
+        for chunk, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             self._emit(chunk.seq, token, logprob)
         rows = sum(chunk.num_tokens for chunk in chunks)
         self.listener.step(rows, len(chunks), len(adapters), time.perf_counter() - started)
+
+    def _drop_non_finite(
+        self, logits: torch.Tensor, sampled: tuple[ScheduledChunk, ...]
+    ) -> tuple[torch.Tensor, tuple[ScheduledChunk, ...]]:
+        """Fails the rows whose logits hold NaN or Inf (an adapter whose finite weights overflow) and returns the
+        others: one such row must neither crash the sampler for the whole batch nor answer garbage tokens."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        if all(finite):
+            return logits, sampled
+        for chunk, ok in zip(sampled, finite, strict=True):
+            if not ok:
+                seq = chunk.seq
+                error: EngineError = (
+                    InternalError("the base model produced NaN or Inf logits")
+                    if seq.adapter is None
+                    else AdapterRejected(
+                        f"adapter '{seq.request.adapter_id}' produced NaN or Inf logits (its weights overflow when "
+                        "applied); re-train or re-export it with smaller weights"
+                    )
+                )
+                self._fail(seq, error)
+        keep = [index for index, ok in enumerate(finite) if ok]
+        rows = torch.tensor(keep, dtype=torch.long, device=logits.device)
+        return logits.index_select(0, rows), tuple(sampled[index] for index in keep)
 
     def _emit(self, seq: Sequence, token: int, logprob: float) -> None:
         now = time.monotonic()

@@ -58,6 +58,12 @@ def _poison(value: float) -> Callable[[dict[str, torch.Tensor]], None]:
     return change
 
 
+def _overflow(tensors: dict[str, torch.Tensor]) -> None:
+    """Finite weights (they pass every format check) whose product overflows float32 inside the forward pass."""
+    for key in tensors:
+        tensors[key] *= 1e30 if "lora_B" in key else 1e10
+
+
 def _drop_lora_b(tensors: dict[str, torch.Tensor]) -> None:
     for key in [k for k in tensors if "lora_B" in k]:
         del tensors[key]
@@ -203,6 +209,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, base_shape: ModelShape) -> 
     outside.mkdir()
     ids = {case.kind: case.build(root, outside, base_shape) for case in CASES}
     write_adapter(root / "good", base_shape, rank=8, seed=11, strength=3.0)
+    _rewrite_weights(_adapter(root, "overflow", base_shape), _overflow)
     flags = (f"--adapters.max-rank={MAX_RANK}", "--engine.max-new-tokens=64", "--server.default-max-new-tokens=4")
     with ServerProcess.start(base / "server.log", [root], *flags) as server:
         yield Served(server, root, base_shape, ids)
@@ -273,6 +280,25 @@ def test_bad_adapters_requested_inside_a_running_batch_leave_its_other_rows_unch
             assert tokens == reference  # greedy: exactly what the adapter gives alone
     figure = f"NaN/Inf/corrupt adapters requested beside {rounds * 3} running rows: all refused, every row unchanged"
     record(4, "bad adapter files", figure, "no poisoning of other rows of the batch", True)
+
+
+def test_an_adapter_whose_finite_weights_overflow_fails_only_its_own_rows(
+    served: Served, channel: grpc.Channel
+) -> None:
+    adapters = adapters_pb2_grpc.AdaptersStub(channel)
+    loaded = adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id="overflow"), timeout=60)
+    assert loaded.adapter_id == "overflow"  # finite weights: no format check can refuse them
+    generation = generation_pb2_grpc.GenerationStub(channel)
+    reference = good_tokens(generation)
+    sampled = {"temperature": 0.8, "seed": 3}  # sampling from NaN probabilities used to fail the whole batch
+    for sampling in ({}, sampled, {"logprobs": True}):
+        stream = generation.GenerateStream(request(adapter_id="good", max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        first = next(stream)
+        code, message = refusal(generation.Generate, request(adapter_id="overflow", max_new_tokens=4, **sampling))
+        assert code == FAILED and "produced NaN or Inf logits" in message and "re-train or re-export" in message
+        assert list(first.token_ids) + [t for m in stream for t in m.token_ids] == reference
+    figure = "overflowing finite weights: its rows FAILED_PRECONDITION at the first NaN logits (greedy and sampled)"
+    record(4, "bad adapter files", figure + ", the rows beside it unchanged", "no poisoning of other rows", True)
 
 
 def _content_hash(directory: Path) -> str:
