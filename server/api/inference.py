@@ -27,7 +27,7 @@ from loraplex.server.api.auth import current_tenant
 from loraplex.server.api.errors import status_of
 from loraplex.server.api.generation import deadline_of, request_id_of
 from loraplex.server.api.state import Context, ServingState
-from loraplex.server.api.targets import Target, resolve_model
+from loraplex.server.api.targets import Target, is_visible_route, resolve_model
 from loraplex.server.api.tracking import RequestTrack
 from loraplex.server.engine.errors import AdapterNotFound, InternalError, InvalidRequest
 from loraplex.server.engine.types import Finished, GenerationRequest, ResidencyTier, TokenDelta
@@ -80,8 +80,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def _model(self, model_name: str) -> Target | None:
         """The target of a metadata call's model; None for a route (checked against the tenant, never assigned)."""
-        if model_name and self._state.router.has_route(model_name):
-            current_tenant().check_route(model_name)
+        if is_visible_route(current_tenant(), self._state.router, model_name):
             return None
         return resolve_model(current_tenant(), self._state.router, model_name)
 

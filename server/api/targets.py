@@ -40,11 +40,17 @@ def resolve(tenant: Tenant, router: Router, adapter_id: str, route: str, user_ke
     return Target(adapter_id or None)
 
 
+def is_visible_route(tenant: Tenant, router: Router, model_name: str) -> bool:
+    """Whether ``model_name`` names a route the tenant may use. Another tenant's route reads as an adapter name,
+    so the answer (PERMISSION_DENIED or NOT_FOUND on the adapter) never tells that such a route exists."""
+    return bool(model_name) and tenant.may_use_route(model_name) and router.has_route(model_name)
+
+
 def resolve_model(tenant: Tenant, router: Router, model_name: str, user_key: str = "") -> Target:
     """The target of an Open Inference Protocol model name: a route (which wins over an adapter of the same name),
     "base" or an adapter id."""
     if not model_name:
         raise InvalidRequest(f"model_name is empty: use '{BASE_MODEL}', an adapter id or a route")
-    if router.has_route(model_name):
+    if is_visible_route(tenant, router, model_name):
         return resolve(tenant, router, "", model_name, user_key)
     return resolve(tenant, router, "" if model_name == BASE_MODEL else model_name, "")

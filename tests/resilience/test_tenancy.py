@@ -167,8 +167,10 @@ def route_calls(channel: grpc.Channel) -> list[tuple[str, Callable[..., object],
     return [
         ("Generate route", generation.Generate, routed),
         ("GenerateStream route", generation.GenerateStream, routed),
-        ("ModelInfer route", inference.ModelInfer, infer_request),
         ("GetRouteReport", routing.GetRouteReport, lambda name: routing_pb2.GetRouteReportRequest(route=name)),
+        ("ModelInfer route", inference.ModelInfer, infer_request),  # OIP names a model: a route or an adapter
+        ("ModelReady route", inference.ModelReady, lambda name: oip.ModelReadyRequest(name=name)),
+        ("ModelMetadata route", inference.ModelMetadata, lambda name: oip.ModelMetadataRequest(name=name)),
     ]
 
 
@@ -192,9 +194,13 @@ def test_a_tenant_cannot_use_another_tenants_adapters_or_routes(channel: grpc.Ch
         for what, call, message in route_calls(channel):
             assert outcome(call, message(own_route), token)[0] == grpc.StatusCode.OK, (what, own_route)
             code, details = outcome(call, message(their_route), token)
+            ghost = outcome(call, message(f"{their_route}-never-set"), token)  # the same answer: no existence oracle
             checks += 1
-            if code != DENIED or not details.endswith(f"may not use route '{their_route}'"):
-                failures.append(f"{what} {their_route}: {code.name} {details}")
+            if code != DENIED or (code, details.replace(their_route, "?")) != (
+                ghost[0],
+                ghost[1].replace(f"{their_route}-never-set", "?"),
+            ):
+                failures.append(f"{what} {their_route}: {code.name} {details} / {ghost[1]}")
         for name in (*theirs, their_route):
             error = stream_infer_error(channel, name, token)
             checks += 1
