@@ -28,7 +28,7 @@ SERVING = re.compile(r"loraplex\.server: serving")
 @pytest.fixture(scope="module")
 def starting_server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("lifecycle") / "server.log"
-    flags = ("--engine.max-running=4", "--server.grace-period-s=120")
+    flags = ("--engine.max-running=4", "--engine.max-queue=16", "--server.grace-period-s=120")  # all 12 accepted
     with ServerProcess.start(log, [adapter_root], *flags, wait="listening") as process:
         yield process
 
