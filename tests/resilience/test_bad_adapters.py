@@ -34,7 +34,7 @@ from tests.support.server_process import ServerProcess
 pytestmark = pytest.mark.resilience
 
 MAX_RANK = 8
-NEW_TOKENS = 16  # the rows checked for poisoning
+NEW_TOKENS = 12  # the rows checked for poisoning
 CHECK_TOKENS = 4  # the normal request after each refusal
 FAILED, INVALID, MISSING = (
     grpc.StatusCode.FAILED_PRECONDITION,
