@@ -91,14 +91,12 @@ def marker_base(base_dir: str) -> MarkerBase:
 
 @pytest.fixture(scope="module")
 def churn_server(
-    tmp_path_factory: pytest.TempPathFactory, marker_base: MarkerBase, base_dir: str
+    tmp_path_factory: pytest.TempPathFactory, marker_base: MarkerBase, base_shape: ModelShape
 ) -> Iterator[tuple[ServerProcess, Path, int]]:
     root = tmp_path_factory.mktemp("churn-adapters")
     for index, adapter in enumerate(ADAPTERS):
         write_marker_adapter(root / adapter, marker_base, marker_base.tokens[2 * index])
-    from transformers import AutoConfig
-
-    budget = RESIDENT_ADAPTERS * slot_bytes(ModelShape.from_config(AutoConfig.from_pretrained(base_dir)))
+    budget = RESIDENT_ADAPTERS * slot_bytes(base_shape)
     flags = (f"--adapters.device-slots={DEVICE_SLOTS}", f"--adapters.device-bytes={budget}")
     log = tmp_path_factory.mktemp("churn-server") / "server.log"
     with ServerProcess.start(log, [root], *flags) as server:

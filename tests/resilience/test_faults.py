@@ -21,7 +21,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from transformers import AutoConfig
 
 from loraplex.client import Client
 from loraplex.client.errors import FailedPreconditionError, LoraplexError, NotFoundError
@@ -30,9 +29,8 @@ from loraplex.client.types import Route, ServerStatus, Variant
 from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc
 from loraplex.server.config import MIB
 from loraplex.server.model.shape import ModelShape
-from tests.resilience.test_overload import rss_bytes
 from tests.support.adapters import write_adapter
-from tests.support.resilience import full_run, record
+from tests.support.resilience import full_run, record, rss_bytes
 from tests.support.server_process import ServerProcess
 
 pytestmark = pytest.mark.resilience
@@ -49,8 +47,8 @@ class FaultServer:
 
 
 @pytest.fixture(scope="module")
-def fault_server(tmp_path_factory: pytest.TempPathFactory, base_dir: str) -> Iterator[FaultServer]:
-    shape = ModelShape.from_config(AutoConfig.from_pretrained(base_dir))
+def fault_server(tmp_path_factory: pytest.TempPathFactory, base_shape: ModelShape) -> Iterator[FaultServer]:
+    shape = base_shape
     root = tmp_path_factory.mktemp("fault-adapters") / "root"
     for index, adapter in enumerate(("cached", "on-disk")):
         write_adapter(root / adapter, shape, rank=4, layers=[0], seed=index, strength=2.0)

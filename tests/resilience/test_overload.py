@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import cast
 
 import grpc
@@ -29,7 +28,7 @@ import pytest
 from loraplex.client import Client
 from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc
 from loraplex.server.config import MIB
-from tests.support.resilience import full_run, record
+from tests.support.resilience import full_run, record, rss_bytes
 from tests.support.server_process import ServerProcess
 
 pytestmark = pytest.mark.resilience
@@ -47,14 +46,6 @@ STEP_HEADROOM = 256 * MIB  # logits of a full step (512 tokens Ã— 49,152 vocab Ã
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1)]
-
-
-def rss_bytes(pid: int, field_name: str = "VmRSS") -> int:
-    """A memory figure of process ``pid`` from /proc (VmRSS now, VmHWM the peak so far), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field_name}:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field_name} in /proc/{pid}/status")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A test calls :func:`record` with the scenario's number and name, the figure and whether it met its goal. When
 ``LORAPLEX_RESILIENCE_FIGURES`` names a file (``loadtests/run_resilience.py`` sets it), each figure is appended to it
 as one JSON line, so the full run can print a table; otherwise recording does nothing. ``full_run`` tells a test to
-use the full-size variant of its scenario (``LORAPLEX_RESILIENCE_FULL=1``) instead of the quick one of the suite.
+use the full-size variant of its scenario (``LORAPLEX_RESILIENCE_FULL=1``) instead of the quick one of the suite;
+``rss_bytes`` reads a server's memory.
 """
 
 from __future__ import annotations
@@ -29,3 +30,11 @@ def record(scenario: int, name: str, figure: str, goal: str, passed: bool) -> No
     line = {"scenario": scenario, "name": name, "figure": figure, "goal": goal, "passed": passed}
     with Path(path).open("a", encoding="utf-8") as out:
         out.write(json.dumps(line) + "\n")
+
+
+def rss_bytes(pid: int, field_name: str = "VmRSS") -> int:
+    """A memory figure of process ``pid`` from /proc (VmRSS now, VmHWM the peak so far), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field_name} in /proc/{pid}/status")
