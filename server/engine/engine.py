@@ -279,6 +279,7 @@ class Engine:
             raise ShuttingDown("the server is draining or stopped; retry on another replica")
         if not request.request_id:
             raise InvalidRequest("request_id must not be empty")
+        self._refuse_if_full()  # before tokenizing: under overload a refusal must cost next to nothing
         validate_sampling(request.sampling, self.settings)
         prompt_ids = self._prompt_ids(request)
         max_len = self.settings.engine.max_seq_len
@@ -304,15 +305,21 @@ class Engine:
         with self._lock:
             if request.request_id in self._live:
                 raise InvalidRequest(f"request_id '{request.request_id}' is already in flight")
-            # Bound the requests in flight, not the ones not yet stepped: a request that finds a free running slot
-            # waits for no one, even before the next step moves it from the inbox into the batch.
-            eng = self.settings.engine
-            if len(self._live) >= eng.max_running + eng.max_queue:
-                waiting = len(self._live) - self._running_count
-                raise Overloaded(f"{waiting} requests are queued (engine.max_queue={eng.max_queue}); retry later")
+            self._refuse_if_full()
             self._live[request.request_id] = seq
         self._inbox.put(seq)
         self._wake.set()
+
+    def _refuse_if_full(self) -> None:
+        """Raises Overloaded when running and queued requests fill their bounds.
+
+        It bounds the requests in flight, not the ones not yet stepped: a request that finds a free running slot
+        waits for no one, even before the next step moves it from the inbox into the batch.
+        """
+        eng = self.settings.engine
+        if len(self._live) >= eng.max_running + eng.max_queue:
+            waiting = len(self._live) - self._running_count
+            raise Overloaded(f"{waiting} requests are queued (engine.max_queue={eng.max_queue}); retry later")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Submits ``request`` and yields its events; closing the iterator early cancels the request."""
