@@ -13,14 +13,15 @@ found resident; host tier: lookups found in memory), disk loads, and where the a
 For the small counts, PEFT runs the start of the uniform trace in-process (``bench_engine.run_peft_mixed``:
 static arrival-order batches of 32 with ``adapter_names``); the loraplex/PEFT ratios are from this one run.
 
-The arrival rate is ``--load`` times the capacity measured at the start (a closed burst on one adapter), so with
-the default 1.2 every configuration is saturated and throughput is its capacity; ``--rate`` fixes it instead.
+The arrival rate is ``--load`` times the capacity measured at the start (a closed burst on one adapter, which
+underestimates it: the burst's batch empties towards its end). With the default 2.5 the server is saturated, so
+throughput is its capacity and latency includes the queue that builds up; ``--rate`` fixes the rate instead.
 
 Separately, adapter cold load (disk → resident on the device, ready to serve) per rank on the embedded base, in
 process: the file is dropped from the page cache (``posix_fadvise DONTNEED``), then read, validated and placed.
 
-    python loadtests/bench_scaling.py --quick   # 8 and 2,000 adapters, 12 s traces: < 5 minutes once written
-    python loadtests/bench_scaling.py           # 1 to 2,000 adapters, 40 s traces: ~25 minutes on 2 busy cores
+    python loadtests/bench_scaling.py --quick   # 8 and 2,000 adapters, 6 s traces: < 5 minutes once written
+    python loadtests/bench_scaling.py           # 1 to 2,000 adapters, 20 s traces: ~15 minutes on 2 cores
 
 Writes ``scaling.json``, ``scaling_throughput.png`` and ``scaling_latency.png`` under ``--out``.
 """
@@ -439,14 +440,38 @@ def print_table(report: dict[str, Any]) -> None:
         )
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The run as the Markdown table of BENCHMARKS.md (``--markdown FILE.json`` prints it again later)."""
+    peft = {p["adapters"]: p for p in report.get("peft", [])}
+    lines = [
+        "| adapters | popularity | distinct used | req/s | tok/s | TTFT p50 / p99 (s) | e2e p50 / p99 (s) "
+        "| device hit | host hit | disk loads | PEFT tok/s | loraplex / PEFT |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["runs"]:
+        r = RunResult(**row)
+        baseline = peft.get(r.adapters) if r.popularity == "uniform" else None
+        peft_cells = (
+            f"{baseline['tokens_per_s']:.1f} | {r.tokens_per_s / baseline['tokens_per_s']:.2f}" if baseline else " | "
+        )
+        rate = "n/a" if r.device_hit_rate is None else f"{r.device_hit_rate:.0%}"
+        host = "n/a" if r.host_hit_rate is None else f"{r.host_hit_rate:.0%}"
+        lines.append(
+            f"| {r.adapters:,} | {r.popularity} | {r.distinct_adapters_used} | {r.requests_per_s:.2f} | "
+            f"{r.tokens_per_s:.1f} | {r.ttft_p50_ms / 1e3:.2f} / {r.ttft_p99_ms / 1e3:.2f} | "
+            f"{r.e2e_p50_ms / 1e3:.1f} / {r.e2e_p99_ms / 1e3:.1f} | {rate} | {host} | {r.disk_loads} | {peft_cells} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer configurations and a short trace (< 5 minutes)")
     parser.add_argument("--counts", help="adapter counts, comma-separated (default 1,8,64,512,2000)")
     parser.add_argument("--popularity", default="uniform,zipf", help="uniform and/or zipf")
-    parser.add_argument("--trace-seconds", type=float, help="trace length at the arrival rate (default 40; quick 12)")
+    parser.add_argument("--trace-seconds", type=float, help="trace length at the arrival rate (default 20; quick 6)")
     parser.add_argument("--rate", type=float, help="Poisson arrival rate, requests/s (default: --load x capacity)")
-    parser.add_argument("--load", type=float, default=1.2, help="arrival rate over the measured capacity")
+    parser.add_argument("--load", type=float, default=2.5, help="arrival rate over the measured capacity")
     parser.add_argument("--device-slots", type=int, default=32, help="device adapter slots (= the batch's max)")
     parser.add_argument("--host-mib", type=int, default=1024, help="host adapter cache (MiB)")
     parser.add_argument("--peft-max", type=int, help="PEFT baselines for counts up to this (default 8)")
@@ -454,12 +479,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--cold-per-rank", type=int, help="cold loads per rank (default 20; quick 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "scaling")
+    parser.add_argument("--markdown", type=Path, metavar="JSON", help="only print the table of an earlier run")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
 
     quick = args.quick
     counts = [int(c) for c in args.counts.split(",")] if args.counts else ([8, 2000] if quick else list(COUNTS))
     popularities = args.popularity.split(",")
-    trace_seconds = args.trace_seconds or (12.0 if quick else 40.0)
+    trace_seconds = args.trace_seconds or (6.0 if quick else 20.0)
     peft_max = args.peft_max if args.peft_max is not None else 8
     peft_requests = args.peft_requests or (8 if quick else 16)
     per_rank = args.cold_per_rank if args.cold_per_rank is not None else (5 if quick else 20)
@@ -523,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             report["peft"].append({"adapters": count, "popularity": popularity, **baseline})
             save(report, args.out, started)
     print_table(report)
+    print("\n" + markdown(report))
     print(f"\n{time.perf_counter() - started:.0f} s; JSON and plots under {args.out}")
 
 

@@ -9,9 +9,8 @@ client then yield to other users' greenlets instead of blocking the process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import ClassVar, Unpack
 
 import grpc.experimental.gevent as grpc_gevent
@@ -35,6 +34,27 @@ class Call:
     """What a timed call reports: ``length`` becomes Locust's response length (bytes of generated text)."""
 
     length: int = 0
+
+
+class Timed:
+    """``with user.timed(name) as call:`` fires one request event when the block ends; an ``Exception`` inside it
+    becomes the call's failure and is swallowed (every failure is a data point, never a crash of the user)."""
+
+    def __init__(self, user: GrpcUser, name: str) -> None:
+        self.user, self.name, self.call = user, name, Call()
+        self.started = 0.0
+
+    def __enter__(self) -> Call:
+        self.started = time.perf_counter()
+        return self.call
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool:
+        if error is not None and not isinstance(error, Exception):
+            return False  # GreenletExit, KeyboardInterrupt: let them stop the user
+        self.user.fire(self.name, self.started, self.call.length, error)
+        return error is not None
 
 
 @dataclass(frozen=True)
@@ -69,17 +89,9 @@ class GrpcUser(User):
             context={},
         )
 
-    @contextmanager
-    def timed(self, name: str) -> Iterator[Call]:
+    def timed(self, name: str) -> Timed:
         """Times the block as one call named ``name``; an exception inside it is recorded as the call's failure."""
-        started = time.perf_counter()
-        call = Call()
-        try:
-            yield call
-        except Exception as error:  # every failure is a data point, never a crash of the user
-            self.fire(name, started, call.length, error)
-        else:
-            self.fire(name, started, call.length)
+        return Timed(self, name)
 
     def generate(self, name: str, prompt: str, **options: Unpack[GenerateOptions]) -> Generation | None:
         """A unary Generate recorded as ``name``; None when it failed (already recorded)."""

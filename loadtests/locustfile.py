@@ -51,6 +51,7 @@ from loadtests.grpc_user import CheckFailed, GrpcUser  # noqa: E402
 from loadtests.thresholds import Thresholds, observe, violations  # noqa: E402
 from loadtests.workload import Distribution, RequestMix, adapter_ids, prompt_text  # noqa: E402
 from loraplex.client import Client, Route, Variant  # noqa: E402
+from loraplex.client.types import GenerateOptions  # noqa: E402
 
 log = logging.getLogger("loraplex.loadtest")
 
@@ -191,16 +192,23 @@ class _TrafficUser(GrpcUser):
         super().on_start()
         self.rng = Plan.rng()
 
+    def next_request(self) -> tuple[str, GenerateOptions]:
+        """The next prompt and its options: an adapter by popularity, lengths by their distributions."""
+        draw = Plan.mix.draw(self.rng)
+        return draw.prompt, {
+            "adapter": draw.adapter,
+            "max_new_tokens": draw.max_new_tokens,
+            "ignore_eos": Plan.ignore_eos,
+        }
+
 
 class StreamUser(_TrafficUser):
     weight = 3
 
     @task
     def send_stream(self) -> None:
-        draw = Plan.mix.draw(self.rng)
-        self.stream(
-            STREAM, draw.prompt, adapter=draw.adapter, max_new_tokens=draw.max_new_tokens, ignore_eos=Plan.ignore_eos
-        )
+        prompt, options = self.next_request()
+        self.stream(STREAM, prompt, **options)
 
 
 class UnaryUser(_TrafficUser):
@@ -208,10 +216,8 @@ class UnaryUser(_TrafficUser):
 
     @task
     def send_unary(self) -> None:
-        draw = Plan.mix.draw(self.rng)
-        self.generate(
-            UNARY, draw.prompt, adapter=draw.adapter, max_new_tokens=draw.max_new_tokens, ignore_eos=Plan.ignore_eos
-        )
+        prompt, options = self.next_request()
+        self.generate(UNARY, prompt, **options)
 
 
 class RouteUser(_TrafficUser):
