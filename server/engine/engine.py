@@ -290,7 +290,8 @@ class Engine:
             )
         if request.deadline is not None and request.deadline <= time.monotonic():
             raise DeadlineExceeded("the deadline passed before the request was accepted")
-        adapter_future = self.adapters.lookup(request.adapter_id) if request.adapter_id else None
+        if request.adapter_id:
+            self.adapters.check(request.adapter_id)  # the lookup (a disk read) starts near the queue's front
         seq = Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -299,7 +300,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self._backend_tokenizer, prompt_ids),
             stop=StopMatcher(request.sampling.stop),
             eos_ids=frozenset() if request.sampling.ignore_eos else self.eos_ids,
-            adapter_future=adapter_future,
+            adapter_future=None,
             submitted_at=submitted_at,
         )
         with self._lock:

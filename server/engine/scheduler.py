@@ -6,7 +6,10 @@ token budget (``engine.max_batch_tokens``) and the KV cache allow. A sequence jo
 the moment it finishes, so a short request never waits for a long one.
 
 Admission needs three things: the adapter in memory (a sequence whose adapter is still loading is skipped, not
-waited for), a device slot for it (idle adapters are evicted), and a KV region of ``prompt + max_new_tokens``. When
+waited for), a device slot for it (idle adapters are evicted), and a KV region of ``prompt + max_new_tokens``.
+Adapters are looked up (read from disk if need be) only for the next ``max_running`` waiting sequences, not when a
+request arrives: a deep queue of requests for distinct adapters would otherwise read them all at once and evict
+each other's from the host cache before they run. When
 the KV cache is the obstacle, admission stops there (first come, first served); when only fragmentation is, the
 cache is compacted first.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 
 from loraplex.server.config import EngineSettings
 from loraplex.server.engine.errors import AdapterNotFound, EngineError
@@ -56,10 +60,21 @@ class Scheduler:
             raise AdapterNotFound(f"adapter '{seq.adapter.adapter_id}' was unloaded while the request waited")
         return seq.adapter
 
+    def _start_lookups(self, failed: list[tuple[Sequence, EngineError]]) -> None:
+        """Starts the adapter lookups of the next ``max_running`` waiting sequences that have none yet."""
+        for seq in list(islice(self.waiting, self.settings.max_running)):
+            if seq.request.adapter_id and seq.adapter is None and seq.adapter_future is None:
+                try:
+                    seq.adapter_future = self.adapters.lookup(seq.request.adapter_id)
+                except EngineError as error:  # unloaded (or its directory gone) since the request arrived
+                    failed.append((seq, error))
+
     def _adapter_ready(self, seq: Sequence) -> bool:
         """Whether the sequence's adapter is on the device (placing it if possible); raises when it cannot be."""
-        if seq.adapter_future is None:
+        if not seq.request.adapter_id:
             return True
+        if seq.adapter_future is None:
+            return False  # its lookup starts once it is among the next waiting sequences
         version = self.resolve_adapter(seq)
         if version is None:
             return False
@@ -83,7 +98,8 @@ class Scheduler:
         return allocator.largest_free >= length
 
     def schedule(self) -> tuple[list[ScheduledChunk], list[tuple[Sequence, EngineError]]]:
-        """The next step's chunks, and waiting sequences that failed (their adapter cannot be served)."""
+        """The next step's chunks, and waiting sequences that failed (their adapter cannot be served); those stay
+        in ``waiting`` until the engine fails them through ``remove``."""
         budget = self.settings.max_batch_tokens
         chunks: list[ScheduledChunk] = []
         for seq in self.running:
@@ -96,6 +112,7 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, take))
                 budget -= take
         failed: list[tuple[Sequence, EngineError]] = []
+        self._start_lookups(failed)
         now = time.monotonic()
         for seq in list(self.waiting):
             if len(self.running) >= self.settings.max_running or budget <= 0:
@@ -103,7 +120,6 @@ class Scheduler:
             try:
                 ready = self._adapter_ready(seq)
             except EngineError as error:
-                self.waiting.remove(seq)
                 failed.append((seq, error))
                 continue
             if not ready:

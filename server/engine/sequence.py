@@ -45,7 +45,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
     eos_ids: frozenset[int]
-    adapter_future: Future[AdapterVersion] | None  # None: base model
+    adapter_future: Future[AdapterVersion] | None  # None: base model, or the adapter's lookup not started yet
     submitted_at: float  # time.monotonic() when submit() was called
     status: Status = Status.WAITING
     adapter: AdapterVersion | None = None

@@ -145,20 +145,34 @@ class AdapterManager:
         except AdapterDirectoryMissing as exc:
             raise AdapterNotFound(str(exc)) from exc
 
+    def _servable_entry(self, adapter_id: str) -> _Entry | None:
+        """The entry of ``adapter_id`` (None if never seen); raises for a bad id or an unloaded adapter."""
+        try:
+            validate_adapter_id(adapter_id)
+        except InvalidAdapterId as exc:
+            raise InvalidRequest(str(exc)) from exc
+        entry = self._entries.get(adapter_id)
+        if entry is not None and entry.unloaded:
+            raise AdapterNotFound(f"adapter '{adapter_id}' was unloaded; load it again to serve it")
+        return entry
+
+    def check(self, adapter_id: str) -> None:
+        """Raises at once what ``lookup`` would (bad id, no such adapter, unloaded) without loading anything, so a
+        request for a missing adapter is refused when it arrives, however long the queue before its lookup."""
+        with self._lock:
+            entry = self._servable_entry(adapter_id)
+            if entry is not None and entry.current is not None:
+                return
+        self._directory(adapter_id)
+
     def lookup(self, adapter_id: str) -> Future[AdapterVersion]:
         """The serving version of ``adapter_id``: done at once when in memory, else after a load from disk.
 
         Raises InvalidRequest (bad id) or AdapterNotFound (no such directory, or unloaded) synchronously;
         the future fails with AdapterRejected when the files cannot be served.
         """
-        try:
-            validate_adapter_id(adapter_id)
-        except InvalidAdapterId as exc:
-            raise InvalidRequest(str(exc)) from exc
         with self._lock:
-            entry = self._entries.get(adapter_id)
-            if entry is not None and entry.unloaded:
-                raise AdapterNotFound(f"adapter '{adapter_id}' was unloaded; load it again to serve it")
+            entry = self._servable_entry(adapter_id)
             current = entry.current if entry is not None else None
             in_memory = current is not None and (current.weights is not None or current.placement is not None)
             self.listener.adapter_lookup("host", in_memory)

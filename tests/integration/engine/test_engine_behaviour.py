@@ -331,3 +331,22 @@ def test_listener_sees_steps_loads_and_evictions(base: LoadedBase, root: Path) -
     steps = [e for e in events if e[0] == "step"]
     assert max(e[3] for e in steps) == 2  # two slots: at most two adapters share a step
     assert all(e[2] <= e[1] for e in steps)  # never more sequences than rows
+
+
+def test_a_deep_queue_of_distinct_adapters_reads_each_from_disk_once(base: LoadedBase, root: Path) -> None:
+    # The host cache holds two of the five adapters and one request runs at a time: were every queued request's
+    # adapter read when it arrived, later reads would evict earlier ones before their requests ran.
+    listener = RecordingListener()
+    overrides = {
+        "adapters": {"roots": [str(root)], "host_bytes": 4 << 20, "device_slots": 1},
+        "engine": {"max_running": 1, "max_queue": 8},
+    }
+    engine = Engine(base, load_settings(environ={}, overrides=overrides), listener=listener)
+    engine.start()
+    try:
+        outcomes = run_all(engine, [req(f"Item {i}.", adapter=f"a{i}", max_new_tokens=2) for i in range(5)])
+    finally:
+        engine.stop()
+    assert [o.error for o in outcomes] == [None] * 5
+    assert listener.events.count(("loaded", "host", "ok")) == 5
+    assert ("evicted", "host") in listener.events  # the cache was too small for all five
