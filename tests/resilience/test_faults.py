@@ -150,6 +150,7 @@ def test_a_thousand_unread_streams_hold_no_engine_slot_and_are_freed(fault_serve
         alone = [client.generate(PROMPT, max_new_tokens=8, ignore_eos=True).timings.total for _ in range(3)]
         rss_before = rss_bytes(pid)
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # the aio channel binds to the current loop (asyncio.run elsewhere unset it)
         try:
             channel = grpc.aio.insecure_channel(server.target)
             loop.run_until_complete(never_read(channel, SLOW_STREAMS, 32))
@@ -168,6 +169,7 @@ def test_a_thousand_unread_streams_hold_no_engine_slot_and_are_freed(fault_serve
             peak_rss = rss_bytes(pid, "VmHWM")
             loop.run_until_complete(channel.close())
         finally:
+            asyncio.set_event_loop(None)
             loop.close()
         deadline = time.monotonic() + 60
         while (after := client.status()).active_streams and time.monotonic() < deadline:
