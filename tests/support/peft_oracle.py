@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from loraplex.server.engine.types import ChatMessage, GenerationRequest, SamplingParams
+
 
 @contextmanager
 def active(peft: Any, adapter: str | None) -> Iterator[None]:
@@ -45,3 +47,18 @@ def peft_logits(peft: Any, adapter: str | None, input_ids: Sequence[int]) -> tor
     """Float32 logits at every position of ``input_ids``: ``[len(input_ids), vocab]``."""
     with active(peft, adapter):
         return peft(input_ids=torch.tensor([list(input_ids)], device=peft.device)).logits[0].float()
+
+
+def oracle_requests(
+    adapters: Sequence[str | None], prompts: Sequence[str], max_new_tokens: int
+) -> list[GenerationRequest]:
+    """One greedy chat request with logprobs per (adapter, prompt) pair: the rows of a mixed batch to check."""
+    return [
+        GenerationRequest(
+            request_id=f"r{i}",
+            messages=(ChatMessage("user", prompt),),
+            adapter_id=adapter,
+            sampling=SamplingParams(max_new_tokens=max_new_tokens, logprobs=True),
+        )
+        for i, (adapter, prompt) in enumerate(zip(adapters, prompts, strict=True))
+    ]

@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex.server.engine.kv_cache import KVCache
-from loraplex.server.engine.types import ChatMessage, GenerationRequest, SamplingParams
+from loraplex.server.engine.types import ChatMessage
 from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import LoraBackend
@@ -26,7 +26,7 @@ from loraplex.server.model.forward import DecoderForward, SequenceSpan, StepBatc
 from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
-from tests.support.peft_oracle import peft_generate, peft_logits
+from tests.support.peft_oracle import oracle_requests, peft_generate, peft_logits
 
 # name -> write_adapter keyword arguments: ranks 4..64, q,v and all-linear, rsLoRA, patterns, layer subsets, DoRA
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -144,15 +144,7 @@ def test_engine_mixed_batch_generates_peft_tokens(
     names: list[str | None] = [*ADAPTERS, None, None]
     for name in ADAPTERS:  # adapters resident first, so every request joins the very first step
         engine.load_adapter(name).result()
-    requests = [
-        GenerationRequest(
-            request_id=f"r{i}",
-            messages=(ChatMessage("user", prompt),),
-            adapter_id=name,
-            sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True),
-        )
-        for i, (name, prompt) in enumerate(zip(names, PROMPTS, strict=True))
-    ]
+    requests = oracle_requests(names, PROMPTS, MAX_NEW)
     steps_before = engine.steps
     outcomes = run_all(engine, requests)
     assert engine.steps - steps_before <= MAX_NEW + 2, "requests did not share batches"

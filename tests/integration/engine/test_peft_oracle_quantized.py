@@ -12,11 +12,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex.server.config import ModelSettings
-from loraplex.server.engine.types import ChatMessage, GenerationRequest, SamplingParams
+from loraplex.server.engine.types import ChatMessage
 from loraplex.server.model.loader import LoadedBase, load_base, quantization_config, quiet_bitsandbytes
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
-from tests.support.peft_oracle import peft_generate
+from tests.support.peft_oracle import oracle_requests, peft_generate
 
 ADAPTERS: dict[str, dict[str, Any]] = {
     "qv-r8": {"rank": 8, "targets": QV, "strength": 2.0},
@@ -64,15 +64,7 @@ def test_quantized_engine_matches_peft_on_the_same_base(
     engine = make_engine(quantized, [tmp_path], engine={"max_running": 8})
     try:
         rows: list[str | None] = [*names, None]
-        requests = [
-            GenerationRequest(
-                request_id=f"r{i}",
-                messages=(ChatMessage("user", p),),
-                adapter_id=name,
-                sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True),
-            )
-            for i, (name, p) in enumerate(zip(rows, PROMPTS[: len(rows)], strict=True))
-        ]
+        requests = oracle_requests(rows, PROMPTS[: len(rows)], MAX_NEW)
         mixed = run_all(engine, requests)
         assert all(o.error is None and len(o.token_ids) > 0 for o in mixed)
         exact = mixed
