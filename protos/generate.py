@@ -70,6 +70,7 @@ def generate(out: Path) -> None:
             raise SystemExit(f"protoc failed:\n{done.stderr}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "__init__.py").write_text(INIT_TEXT.format(source="*"))
+        (out / "py.typed").write_text("")  # PEP 561: the stubs are typed (mypy-protobuf .pyi beside each module)
         for proto_dir, package_dir in PACKAGES.items():
             target = out / package_dir
             target.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import disable_created_metrics
 
-import loraplex
+import loraplex.server
 from loraplex.server.api.auth import AuthConfigError, TokenTable
 from loraplex.server.api.server import ApiServer, build_server
 from loraplex.server.config import Settings, settings_from_argv
@@ -71,7 +71,7 @@ def attach_engine(telemetry: Telemetry, engine: Engine) -> None:
         return None if version is None else version.manifest
 
     build = {
-        "version": loraplex.__version__,
+        "version": loraplex.server.__version__,
         "base_model": engine.base.name,
         "quantization": engine.base.quantization,
     }

@@ -17,7 +17,7 @@ from loraplex.server.config import default_cache_dir
 from loraplex.server.lora.format import module_block
 from loraplex.server.model.embedded import BaseModelNotFound, resolve_model_dir
 from loraplex.server.model.fingerprint import base_fingerprint
-from loraplex.server.model.loader import quantization_config, quiet_bitsandbytes
+from loraplex.server.model.quantize import load_quantized
 from loraplex.server.model.shape import ModelShape, UnsupportedModel
 from loraplex.trainer.config import TrainConfig
 from loraplex.trainer.errors import ConfigError
@@ -81,17 +81,14 @@ def _load_causal_lm(
     """The base ``*ForCausalLM`` on ``device``: nf4-quantized for qlora when ``quantize``, else in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
     quantized = quantize and config.method == "qlora"
-    if quantized:
-        quiet_bitsandbytes()
-        kwargs["quantization_config"] = quantization_config("nf4", dtype)
-        kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        if quantized:
+            return load_quantized(model_dir, "nf4", dtype, device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise ConfigError(f"cannot load base_model '{config.base_model}' ({model_dir}): {exc}") from exc
-    return model if quantized else model.to(device)
+    return model.to(device)
 
 
 def load_training_base(

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, MutableMapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
-import loraplex
+import loraplex.server
 from loraplex.proto.inference import grpc_service_pb2 as oip
 from loraplex.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from loraplex.server.api import oip_tensors
@@ -76,7 +76,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=self._state.ready)
 
     async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: Context) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name=PLATFORM, version=loraplex.__version__, extensions=EXTENSIONS)
+        return oip.ServerMetadataResponse(name=PLATFORM, version=loraplex.server.__version__, extensions=EXTENSIONS)
 
     def _model(self, model_name: str) -> Target | None:
         """The target of a metadata call's model; None for a route (checked against the tenant, never assigned)."""

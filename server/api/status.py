@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import loraplex
+import loraplex.server
 from loraplex.proto.v1 import server_pb2, server_pb2_grpc
 from loraplex.server.api.state import Context, ServingState
 
@@ -15,7 +15,7 @@ class ServerServicer(server_pb2_grpc.ServerServicer):
         engine = self._state.engine()
         stats = engine.stats()
         return server_pb2.ServerStatus(
-            version=loraplex.__version__,
+            version=loraplex.server.__version__,
             base_model=engine.base.name,
             accepting=engine.accepting and self._state.ready,
             running_requests=stats.running,

@@ -18,6 +18,7 @@ import torch
 from loraplex.server.config import ModelSettings
 from loraplex.server.model.embedded import resolve_model_dir
 from loraplex.server.model.fingerprint import base_fingerprint
+from loraplex.server.model.quantize import load_quantized
 from loraplex.server.model.shape import TARGET_MODULES, ModelShape
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    if quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
-def quiet_bitsandbytes() -> None:
-    """bitsandbytes logs on every int8 matmul with float32 inputs that they are cast to float16."""
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-
-
 def load_base(settings: ModelSettings) -> LoadedBase:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -82,14 +68,10 @@ def load_base(settings: ModelSettings) -> LoadedBase:
         torch.set_num_threads(settings.threads)
     model_dir = resolve_model_dir(settings.base_model, settings.cache_dir)
     shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir))
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if quantization != "none":
-        quiet_bitsandbytes()
-        kwargs["quantization_config"] = quantization_config(quantization, dtype)
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if quantization == "none":
-        model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    else:
+        model = load_quantized(model_dir, quantization, dtype, device)
     model.eval()
     model.requires_grad_(False)
     layer = model.model.layers[0]

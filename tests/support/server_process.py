@@ -38,9 +38,10 @@ class ServerProcess:
         *flags: str,
         wait: str = "serving",
         timeout: float = START_TIMEOUT_S,
+        program: Sequence[str] = (sys.executable, "-m", "loraplex.server.main"),
     ) -> ServerProcess:
-        """Starts ``python -m loraplex.server.main`` with the adapter roots and extra ``flags``."""
-        command = [sys.executable, "-m", "loraplex.server.main", "--port", "0", "--metrics-port", "0"]
+        """Starts ``program`` (this interpreter's ``loraplex.server.main``) with the adapter roots and ``flags``."""
+        command = [*program, "--port", "0", "--metrics-port", "0"]
         for root in adapter_roots:
             command += ["--adapter-root", str(root)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -11,7 +11,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-import loraplex
+import loraplex.server
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
 from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import ADAPTERS, MAX_RANK, request
@@ -105,7 +105,7 @@ def test_load_failures_say_why(
 def test_server_status(channel: grpc.Channel, generation: generation_pb2_grpc.GenerationStub) -> None:
     generation.Generate(request(adapter_id=ADAPTERS[1], max_new_tokens=1))
     status = server_pb2_grpc.ServerStub(channel).GetStatus(server_pb2.GetStatusRequest())
-    assert (status.version, status.base_model, status.accepting) == (loraplex.__version__, "embedded", True)
+    assert (status.version, status.base_model, status.accepting) == (loraplex.server.__version__, "embedded", True)
     assert status.adapters_on_device >= 1 and 0 <= status.kv_cache_usage < 1
 
 

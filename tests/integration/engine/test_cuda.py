@@ -15,7 +15,8 @@ import torch
 from loraplex.server.config import ModelSettings
 from loraplex.server.engine.types import GenerationRequest, SamplingParams
 from loraplex.server.lora.ops import LoraBackend, lora_delta_reference, select_backend
-from loraplex.server.model.loader import LoadedBase, load_base, quantization_config
+from loraplex.server.model.loader import LoadedBase, load_base
+from loraplex.server.model.quantize import quantization_config
 from loraplex.server.model.random_model import write_random_llama
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from loraplex.server.config import ModelSettings
 from loraplex.server.engine.types import ChatMessage
-from loraplex.server.model.loader import LoadedBase, load_base, quantization_config, quiet_bitsandbytes
+from loraplex.server.model.loader import LoadedBase, load_base
+from loraplex.server.model.quantize import load_quantized
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
 from tests.support.peft_oracle import oracle_requests, peft_generate
@@ -44,13 +44,9 @@ def test_quantized_engine_matches_peft_on_the_same_base(
     adapters = {n: k for n, k in ADAPTERS.items() if quantization != "int8" or not k.get("use_dora")}
     for seed, (name, kwargs) in enumerate(adapters.items()):
         write_adapter(tmp_path / name, quantized.shape, seed=seed, **kwargs)
-    quiet_bitsandbytes()
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir,
-        dtype=torch.float32,
-        quantization_config=quantization_config(quantization, torch.float32),
-        device_map={"": "cpu"},
-    )
+    # The same loading path as the server's: PEFT wraps a base whose nf4 layers compute in float32 as asked (on an
+    # AVX512-BF16 CPU, bitsandbytes would otherwise switch them to its bfloat16 kernel; see quantize.py).
+    model = load_quantized(base_dir, quantization, torch.float32, torch.device("cpu"))
     names = list(adapters)
     peft = PeftModel.from_pretrained(model, tmp_path / names[0], adapter_name=names[0])
     for name in names[1:]:

@@ -63,10 +63,10 @@ def test_every_copy_source_exists_and_keeps_its_path_under_src(stages: dict[str,
             landed = destination + Path(source).name if destination.endswith("/") else destination
             assert landed == f"/src/{source}", f"COPY {source} lands at {landed}, not /src/{source}"
             copied.add(Path(source))
-    package = REPO / "src" / "loraplex"
-    for link in (p for p in package.iterdir() if p.is_symlink()):  # src/loraplex/<room> -> ../../<room>
-        target = Path((package / link.readlink()).resolve()).relative_to(REPO)
-        assert any(target.is_relative_to(c) for c in copied), f"src/loraplex/{link.name} would dangle in the image"
+    for root in (REPO, REPO / "clients"):  # every folder a distribution maps into the loraplex namespace
+        for folder in tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values():
+            mapped = (root / folder).resolve().relative_to(REPO)
+            assert any(mapped.is_relative_to(c) for c in copied), f"{mapped} is not copied into the image"
 
 
 def test_the_dockerignore_beside_the_dockerfile_keeps_local_state_out() -> None:
