@@ -229,7 +229,7 @@ def run_config(
         outcomes, seconds = replay(server.target, arrivals)
         after = scrape(port)
         with Client(server.target) as client:
-            tiers = Counter(adapter.tier for adapter in client.list_adapters())
+            tiers = Counter(adapter.tier for adapter in client.list_adapters() if adapter.version)  # loaded ones
         server.stop()
     done = [o for o in outcomes if o.error is None]
     failures = [o.error for o in outcomes if o.error is not None]

@@ -73,6 +73,13 @@ class AdapterSettings(_Section):
     max_file_bytes: int = Field(1 * GIB, ge=1, description="largest adapter weights file read")
     loader_threads: int = Field(2, ge=1, le=64, description="threads that read adapters from disk")
     preload: tuple[str, ...] = Field((), description="adapter ids loaded at start-up")
+    list_limit: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="most adapters one ListAdapters or RepositoryIndex answer names; beyond it those in memory are "
+        "kept before those only on disk",
+    )
     upload_root: Path | None = Field(
         None, description="adapter root that UploadAdapter writes into (one of roots); unset = the first root"
     )

@@ -28,6 +28,8 @@ from loraplex.client.retry import RetryPolicy
 from loraplex.client.sync import Client
 from loraplex.client.types import (
     Adapter,
+    AdapterList,
+    ChatInput,
     ChatMessage,
     FeedbackResult,
     Generation,
@@ -46,8 +48,10 @@ from loraplex.client.types import (
 
 __all__ = [
     "Adapter",
+    "AdapterList",
     "AlreadyExistsError",
     "AsyncClient",
+    "ChatInput",
     "ChatMessage",
     "Client",
     "DeadlineExceededError",

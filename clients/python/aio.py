@@ -18,7 +18,8 @@ from loraplex.client.errors import error_from
 from loraplex.client.retry import NO_RETRIES, RetryPolicy
 from loraplex.client.types import (
     Adapter,
-    ChatMessage,
+    AdapterList,
+    ChatInput,
     FeedbackResult,
     GenerateOptions,
     Generation,
@@ -119,7 +120,7 @@ class AsyncClient(ClientBase):
         request = messages.generate_request(prompt, None, options)
         return self._stream(request, options.get("timeout"), affinity_metadata(options))
 
-    async def chat(self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]) -> Generation:
+    async def chat(self, chat: Sequence[ChatInput], **options: Unpack[GenerateOptions]) -> Generation:
         request = messages.generate_request(None, chat, options)
         return messages.generation(
             await self._call(
@@ -127,14 +128,12 @@ class AsyncClient(ClientBase):
             )
         )
 
-    def chat_stream(
-        self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]
-    ) -> AsyncIterator[StreamChunk]:
+    def chat_stream(self, chat: Sequence[ChatInput], **options: Unpack[GenerateOptions]) -> AsyncIterator[StreamChunk]:
         request = messages.generate_request(None, chat, options)
         return self._stream(request, options.get("timeout"), affinity_metadata(options))
 
     async def tokenize(
-        self, prompt: str | None = None, chat: Sequence[ChatMessage] | None = None, timeout: float | None = None
+        self, prompt: str | None = None, chat: Sequence[ChatInput] | None = None, timeout: float | None = None
     ) -> Tokenization:
         request = messages.tokenize_request(prompt, chat)
         return messages.tokenization(await self._call(self._generation.Tokenize, request, timeout))
@@ -167,9 +166,11 @@ class AsyncClient(ClientBase):
 
     # ---------------------------------------------------------------------------------------------------- admin
 
-    async def list_adapters(self, timeout: float | None = None) -> list[Adapter]:
-        response = await self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(), timeout)
-        return [messages.adapter(a) for a in response.adapters]
+    async def list_adapters(self, timeout: float | None = None, *, limit: int | None = None) -> AdapterList:
+        """The adapters in memory and on the server's adapter roots, sorted by id: at most ``limit`` (default and
+        cap: the server's adapters.list_limit), keeping those in memory when there are more (``truncated``)."""
+        request = messages.list_request(limit)
+        return messages.adapter_list(await self._call(self._adapters.ListAdapters, request, timeout))
 
     async def get_adapter(self, adapter_id: str, timeout: float | None = None) -> Adapter:
         request = adapters_pb2.GetAdapterRequest(adapter_id=adapter_id)

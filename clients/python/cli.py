@@ -60,6 +60,12 @@ def client_from_args(args: argparse.Namespace) -> Client:
     return Client(args.target, timeout=args.timeout, **{k: v for k, v in options.items() if v is not None})
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Talk to a loraplex server.")
     add_connection_flags(parser, "--target")
@@ -88,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     adapters = commands.add_parser("adapters", help="list, show, load, unload or upload adapters").add_subparsers(
         dest="action", required=True
     )
-    adapters.add_parser("list", parents=[output], help="the loaded adapters")
+    listing = adapters.add_parser("list", parents=[output], help="the adapters in memory and on the adapter roots")
+    listing.add_argument("--limit", type=_positive, help="at most this many (default: the server's list limit)")
     upload = adapters.add_parser("upload", parents=[output], help="copy a local adapter directory onto the server")
     upload.add_argument("directory", type=Path, help="PEFT adapter directory (adapter_config.json + safetensors)")
     upload.add_argument("adapter_id", help="the id it is served under")
@@ -156,8 +163,10 @@ def _chat(client: Client, args: argparse.Namespace) -> None:
 
 def _adapters(client: Client, args: argparse.Namespace) -> None:
     if args.action == "list":
-        adapters = client.list_adapters()
-        print(render.to_json(adapters) if args.json else render.adapters_table(adapters))
+        listing = client.list_adapters(limit=args.limit)
+        print(render.to_json(list(listing)) if args.json else render.adapters_table(listing))
+        if listing.truncated:
+            print(render.truncation_note(listing), file=sys.stderr)
         return
     if args.action == "unload":
         client.unload_adapter(args.adapter_id)

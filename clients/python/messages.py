@@ -1,8 +1,12 @@
-"""Requests built from plain Python values, and protobuf responses turned into the client's typed results."""
+"""Requests built from plain Python values, and protobuf responses turned into the client's typed results.
+
+Chat turns are checked here, before any request is built: a caller's mistake (a missing key, a number for text)
+raises a TypeError or ValueError that names the turn and what to fix, not an error from deep inside protobuf.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
@@ -11,6 +15,8 @@ from grpc_health.v1 import health_pb2
 from loraplex.client.types import (
     SAMPLING_KEYS,
     Adapter,
+    AdapterList,
+    ChatInput,
     ChatMessage,
     GenerateOptions,
     Generation,
@@ -23,13 +29,50 @@ from loraplex.client.types import (
 )
 from loraplex.proto.v1 import adapters_pb2, generation_pb2, server_pb2
 
+_CHAT_KEYS = frozenset({"role", "content"})
+_CHAT_SHAPE = "a ChatMessage or a {'role': str, 'content': str} dict"
 
-def _chat(messages: Sequence[ChatMessage] | None) -> list[generation_pb2.ChatMessage]:
-    return [generation_pb2.ChatMessage(role=m.role, content=m.content) for m in messages or ()]
+
+def _keys(keys: Iterable[object]) -> str:
+    return ", ".join(sorted(repr(key) for key in keys))
+
+
+def chat_message(turn: object, where: str = "chat message") -> ChatMessage:
+    """``turn`` as a ChatMessage: a ChatMessage, or a mapping with exactly the keys 'role' and 'content' (both
+    str); anything else raises TypeError (wrong types) or ValueError (missing or unknown keys) naming ``where``."""
+    if isinstance(turn, Mapping):
+        if missing := _CHAT_KEYS - turn.keys():
+            raise ValueError(f"{where}: no {_keys(missing)}; each chat message needs 'role' and 'content'")
+        if unknown := turn.keys() - _CHAT_KEYS:
+            raise ValueError(f"{where}: unknown keys {_keys(unknown)}; a chat message has only 'role' and 'content'")
+        role, content = turn["role"], turn["content"]
+    elif isinstance(turn, ChatMessage):
+        role, content = turn.role, turn.content
+    else:
+        raise TypeError(f"{where}: a {type(turn).__name__}; pass {_CHAT_SHAPE}")
+    for name, value in (("role", role), ("content", content)):
+        if not isinstance(value, str):
+            raise TypeError(f"{where}: '{name}' is {type(value).__name__}, not str")
+    return ChatMessage(role, content)
+
+
+def chat_messages(chat: object) -> tuple[ChatMessage, ...]:
+    """The chat turns of a chat call (None: none) as ChatMessages; see :func:`chat_message` for what each may be."""
+    if chat is None:
+        return ()
+    if isinstance(chat, Mapping | ChatMessage):
+        raise TypeError("chat: a single message; pass a list of them: [{'role': 'user', 'content': '...'}]")
+    if isinstance(chat, str | bytes) or not isinstance(chat, Iterable):
+        raise TypeError(f"chat: a {type(chat).__name__}; pass a list of messages, each {_CHAT_SHAPE}")
+    return tuple(chat_message(turn, f"chat[{index}]") for index, turn in enumerate(chat))
+
+
+def _chat(chat: Sequence[ChatInput] | None) -> list[generation_pb2.ChatMessage]:
+    return [generation_pb2.ChatMessage(role=m.role, content=m.content) for m in chat_messages(chat)]
 
 
 def generate_request(
-    prompt: str | None, messages: Sequence[ChatMessage] | None, options: GenerateOptions
+    prompt: str | None, messages: Sequence[ChatInput] | None, options: GenerateOptions
 ) -> generation_pb2.GenerateRequest:
     sampling: dict[str, Any] = {key: value for key, value in options.items() if key in SAMPLING_KEYS}
     return generation_pb2.GenerateRequest(
@@ -43,7 +86,7 @@ def generate_request(
     )
 
 
-def tokenize_request(prompt: str | None, messages: Sequence[ChatMessage] | None) -> generation_pb2.TokenizeRequest:
+def tokenize_request(prompt: str | None, messages: Sequence[ChatInput] | None) -> generation_pb2.TokenizeRequest:
     return generation_pb2.TokenizeRequest(prompt=prompt or "", messages=_chat(messages))
 
 
@@ -108,6 +151,7 @@ def tokenization(message: generation_pb2.TokenizeResponse) -> Tokenization:
 
 
 def adapter(message: adapters_pb2.Adapter) -> Adapter:
+    loaded_at = message.loaded_at.ToDatetime(tzinfo=UTC) if message.HasField("loaded_at") else None
     return Adapter(
         adapter_id=message.adapter_id,
         version=message.version,
@@ -118,8 +162,21 @@ def adapter(message: adapters_pb2.Adapter) -> Adapter:
         size_bytes=message.size_bytes,
         tier=adapters_pb2.ResidencyTier.Name(message.tier).removeprefix("RESIDENCY_TIER_").lower(),
         pinned=message.pinned,
-        loaded_at=message.loaded_at.ToDatetime(tzinfo=UTC),
+        loaded_at=loaded_at,
         requests_served=message.requests_served,
+        files_changed=message.files_changed,
+    )
+
+
+def list_request(limit: int | None) -> adapters_pb2.ListAdaptersRequest:
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit is {limit}; list at least 1 adapter (None: the server's adapters.list_limit)")
+    return adapters_pb2.ListAdaptersRequest(limit=limit or 0)
+
+
+def adapter_list(message: adapters_pb2.ListAdaptersResponse) -> AdapterList:
+    return AdapterList(
+        adapters=tuple(adapter(a) for a in message.adapters), total=message.total, truncated=message.truncated
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from loraplex.client.types import Adapter, Generation, ServerStatus, StreamChunk
+from loraplex.client.types import Adapter, AdapterList, Generation, ServerStatus, StreamChunk
 
 
 def to_json(value: Any) -> str:
@@ -42,23 +42,42 @@ def size(nbytes: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def adapters_table(adapters: Sequence[Adapter]) -> str:
-    if not adapters:
-        return "no adapters loaded"
-    rows = [
-        [
-            a.adapter_id,
-            str(a.version),
-            str(a.rank),
-            a.tier,
-            "yes" if a.pinned else "no",
-            size(a.size_bytes),
-            str(a.requests_served),
-            a.loaded_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-        ]
-        for a in adapters
+CHANGED_MARK = "*"
+CHANGED_NOTE = (
+    f"{CHANGED_MARK} its files changed on disk since this version was read: 'loraplex adapters load ID' serves them"
+)
+
+
+def _adapter_row(a: Adapter) -> list[str]:
+    pinned = "yes" if a.pinned else "no"
+    if a.loaded_at is None:  # never loaded: only on disk (or loading for the first time)
+        return [a.adapter_id, "-", "-", a.tier, pinned, "-", "-", "-"]
+    return [
+        a.adapter_id,
+        f"{a.version}{CHANGED_MARK if a.files_changed else ''}",
+        str(a.rank),
+        a.tier,
+        pinned,
+        size(a.size_bytes),
+        str(a.requests_served),
+        a.loaded_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
     ]
-    return table(["ADAPTER", "VERSION", "RANK", "TIER", "PINNED", "SIZE", "SERVED", "LOADED AT"], rows)
+
+
+def adapters_table(adapters: Sequence[Adapter]) -> str:
+    """The adapters, one row each ("-" where one was never loaded), with a note under a version marked changed."""
+    if not adapters:
+        return "no adapters: none in memory, none under the adapter roots"
+    headers = ["ADAPTER", "VERSION", "RANK", "TIER", "PINNED", "SIZE", "SERVED", "LOADED AT"]
+    text = table(headers, [_adapter_row(a) for a in adapters])
+    return f"{text}\n{CHANGED_NOTE}" if any(a.files_changed for a in adapters) else text
+
+
+def truncation_note(listing: AdapterList) -> str:
+    return (
+        f"showing {len(listing)} of {listing.total} adapters (those in memory first): the list stops at --limit or "
+        "at the server's adapters.list_limit"
+    )
 
 
 def key_values(pairs: Sequence[tuple[str, str]]) -> str:
@@ -78,8 +97,9 @@ def adapter_details(a: Adapter) -> str:
             ("size", size(a.size_bytes)),
             ("tier", a.tier),
             ("pinned", "yes" if a.pinned else "no"),
-            ("loaded at", a.loaded_at.astimezone().isoformat(timespec="seconds")),
+            ("loaded at", a.loaded_at.astimezone().isoformat(timespec="seconds") if a.loaded_at else "-"),
             ("requests served", str(a.requests_served)),
+            ("files on disk", "changed since this version was read" if a.files_changed else "as read"),
         ]
     )
 

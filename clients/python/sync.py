@@ -19,7 +19,8 @@ from loraplex.client.errors import error_from
 from loraplex.client.retry import NO_RETRIES, RetryPolicy
 from loraplex.client.types import (
     Adapter,
-    ChatMessage,
+    AdapterList,
+    ChatInput,
     FeedbackResult,
     GenerateOptions,
     Generation,
@@ -118,18 +119,18 @@ class Client(ClientBase):
         request = messages.generate_request(prompt, None, options)
         return self._stream(request, options.get("timeout"), affinity_metadata(options))
 
-    def chat(self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]) -> Generation:
+    def chat(self, chat: Sequence[ChatInput], **options: Unpack[GenerateOptions]) -> Generation:
         request = messages.generate_request(None, chat, options)
         return messages.generation(
             self._call(self._generation.Generate, request, options.get("timeout"), extra=affinity_metadata(options))
         )
 
-    def chat_stream(self, chat: Sequence[ChatMessage], **options: Unpack[GenerateOptions]) -> Iterator[StreamChunk]:
+    def chat_stream(self, chat: Sequence[ChatInput], **options: Unpack[GenerateOptions]) -> Iterator[StreamChunk]:
         request = messages.generate_request(None, chat, options)
         return self._stream(request, options.get("timeout"), affinity_metadata(options))
 
     def tokenize(
-        self, prompt: str | None = None, chat: Sequence[ChatMessage] | None = None, timeout: float | None = None
+        self, prompt: str | None = None, chat: Sequence[ChatInput] | None = None, timeout: float | None = None
     ) -> Tokenization:
         request = messages.tokenize_request(prompt, chat)
         return messages.tokenization(self._call(self._generation.Tokenize, request, timeout))
@@ -162,9 +163,11 @@ class Client(ClientBase):
 
     # ---------------------------------------------------------------------------------------------------- admin
 
-    def list_adapters(self, timeout: float | None = None) -> list[Adapter]:
-        response = self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(), timeout)
-        return [messages.adapter(a) for a in response.adapters]
+    def list_adapters(self, timeout: float | None = None, *, limit: int | None = None) -> AdapterList:
+        """The adapters in memory and on the server's adapter roots, sorted by id: at most ``limit`` (default and
+        cap: the server's adapters.list_limit), keeping those in memory when there are more (``truncated``)."""
+        request = messages.list_request(limit)
+        return messages.adapter_list(self._call(self._adapters.ListAdapters, request, timeout))
 
     def get_adapter(self, adapter_id: str, timeout: float | None = None) -> Adapter:
         request = adapters_pb2.GetAdapterRequest(adapter_id=adapter_id)

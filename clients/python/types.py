@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TypedDict
+from typing import TypeAlias, TypedDict, overload
 
 
 class Sampling(TypedDict, total=False):
@@ -49,6 +50,10 @@ class ConnectionOptions(TypedDict, total=False):
 class ChatMessage:
     role: str  # system | user | assistant | tool
     content: str
+
+
+ChatInput: TypeAlias = ChatMessage | Mapping[str, str]
+"""One chat turn as the chat calls take it: a ChatMessage or the OpenAI shape ``{"role": ..., "content": ...}``."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,10 @@ class Tokenization:
 
 @dataclass(frozen=True)
 class Adapter:
+    """An adapter the server knows; one never loaded (only on disk) has version 0 and only its id and tier."""
+
     adapter_id: str
-    version: int
+    version: int  # 0 = never loaded
     content_hash: str
     rank: int
     target_modules: tuple[str, ...]
@@ -122,8 +129,31 @@ class Adapter:
     size_bytes: int
     tier: str  # device | host | disk | loading
     pinned: bool
-    loaded_at: datetime
+    loaded_at: datetime | None  # None = never loaded
     requests_served: int
+    files_changed: bool = False  # its files changed on disk since this version was read (load it to serve them)
+
+
+@dataclass(frozen=True)
+class AdapterList(Sequence[Adapter]):
+    """What ``list_adapters`` returns: a sequence of adapters sorted by id, and whether the server's limit cut it
+    (it then keeps the adapters in memory before those only on disk)."""
+
+    adapters: tuple[Adapter, ...]
+    total: int  # adapters the caller may see, listed or not
+    truncated: bool
+
+    @overload
+    def __getitem__(self, index: int) -> Adapter: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Adapter, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Adapter | tuple[Adapter, ...]:
+        return self.adapters[index]
+
+    def __len__(self) -> int:
+        return len(self.adapters)
 
 
 @dataclass(frozen=True)

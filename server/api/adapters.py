@@ -11,6 +11,7 @@ from typing import Any
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc
 from loraplex.server.api import convert
 from loraplex.server.api.auth import Tenant, current_tenant
+from loraplex.server.api.catalog import adapter_listing, checked
 from loraplex.server.api.state import Context, ServingState
 from loraplex.server.engine.errors import InvalidRequest
 from loraplex.server.lora.sources import AdapterRoots
@@ -45,6 +46,7 @@ def unload_adapter(state: ServingState, tenant: Tenant, adapter_id: str) -> None
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, state: ServingState) -> None:
         self._state = state
+        self._roots = AdapterRoots.of(state.settings.adapters.roots)
         self._uploading: set[str] = set()
 
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: Context) -> adapters_pb2.Adapter:
@@ -61,17 +63,20 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     async def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: Context
     ) -> adapters_pb2.ListAdaptersResponse:
-        tenant = current_tenant()
-        infos = self._state.engine().list_adapters()
+        cap = self._state.settings.adapters.list_limit
+        limit = min(request.limit or cap, cap)
+        listing = await adapter_listing(self._state.engine(), self._roots, current_tenant(), limit)
         return adapters_pb2.ListAdaptersResponse(
-            adapters=[convert.adapter_message(info) for info in infos if tenant.may_use_adapter(info.adapter_id)]
+            adapters=[convert.listed_message(listed) for listed in listing.adapters],
+            truncated=listing.truncated,
+            total=listing.total,
         )
 
     async def GetAdapter(self, request: adapters_pb2.GetAdapterRequest, context: Context) -> adapters_pb2.Adapter:
         if not request.adapter_id:
             raise InvalidRequest("adapter_id is empty: name the adapter to show")
         current_tenant().check_adapter(request.adapter_id)
-        return convert.adapter_message(self._state.engine().adapter_info(request.adapter_id))
+        return convert.listed_message(await checked(self._state.engine().adapter_info(request.adapter_id)))
 
     async def UploadAdapter(
         self, request_iterator: AsyncIterator[adapters_pb2.UploadAdapterChunk], context: Context

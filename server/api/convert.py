@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.proto.v1 import adapters_pb2, generation_pb2
+from loraplex.server.api.catalog import Listed
 from loraplex.server.api.targets import Target
 from loraplex.server.engine.errors import InvalidRequest
 from loraplex.server.engine.types import (
@@ -155,3 +156,12 @@ def adapter_message(info: AdapterInfo) -> adapters_pb2.Adapter:
         loaded_at=loaded_at,
         requests_served=info.requests_served,
     )
+
+
+def listed_message(listed: Listed) -> adapters_pb2.Adapter:
+    """An adapter of a listing: all its fields when a version is in memory, else only its id and tier."""
+    if listed.info is None:
+        return adapters_pb2.Adapter(adapter_id=listed.adapter_id, tier=_TIERS[listed.tier])
+    message = adapter_message(listed.info)
+    message.files_changed = listed.files_changed
+    return message

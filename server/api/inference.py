@@ -4,6 +4,9 @@ repository extensions mapped onto loraplex: a model is "base", an adapter id or 
 A route's sticky key travels as the request parameter ``user_key``; the last response of a routed request names
 its ``route`` and ``variant`` in its parameters.
 
+RepositoryIndex names the base model and at most ``adapters.list_limit`` adapters: those in memory and those on the
+adapter roots (see :mod:`catalog`, which keeps the ones in memory when there are more).
+
 ModelStreamInfer is decoupled: each request on the stream runs concurrently, every token chunk is one response
 carrying ``text_output`` and the parameter ``triton_final_response`` (false), and the last response of a request
 has ``triton_final_response`` true, its finish reason and token counts (and no outputs when the client asked for
@@ -24,6 +27,7 @@ from loraplex.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from loraplex.server.api import oip_tensors
 from loraplex.server.api.adapters import load_adapter, unload_adapter
 from loraplex.server.api.auth import current_tenant
+from loraplex.server.api.catalog import Listed, adapter_listing
 from loraplex.server.api.errors import status_of
 from loraplex.server.api.generation import deadline_of, request_id_of
 from loraplex.server.api.state import Context, ServingState
@@ -262,23 +266,30 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------------------------------ repository
 
+    @staticmethod
+    def _model_index(listed: Listed) -> oip.RepositoryIndexResponse.ModelIndex:
+        index = oip.RepositoryIndexResponse.ModelIndex
+        if listed.info is not None:
+            state = "LOADING" if listed.tier is ResidencyTier.LOADING else "READY"
+            return index(name=listed.adapter_id, version=str(listed.info.version), state=state)
+        if listed.loading:
+            return index(name=listed.adapter_id, state="LOADING")
+        return index(name=listed.adapter_id, state="UNAVAILABLE", reason="not loaded (loads on first use)")
+
     async def RepositoryIndex(
         self, request: oip.RepositoryIndexRequest, context: Context
     ) -> oip.RepositoryIndexResponse:
         tenant = current_tenant()
-        loaded = {info.adapter_id: info for info in self._state.engine().list_adapters()}
-        on_disk = await asyncio.to_thread(lambda: list(self._roots.discover()))
+        listing = await adapter_listing(
+            self._state.engine(),
+            self._roots,
+            tenant,
+            self._state.settings.adapters.list_limit,
+            on_disk=not request.ready,  # an adapter only on disk is never ready
+        )
         index = oip.RepositoryIndexResponse.ModelIndex
         models = [index(name=BASE_MODEL, version=BASE_VERSION, state="READY")] if tenant.may_use_adapter(None) else []
-        for adapter_id in sorted(set(loaded) | set(on_disk)):
-            if not tenant.may_use_adapter(adapter_id):
-                continue
-            info = loaded.get(adapter_id)
-            if info is None:
-                models.append(index(name=adapter_id, state="UNAVAILABLE", reason="not loaded (loads on first use)"))
-            else:
-                state = "LOADING" if info.tier is ResidencyTier.LOADING else "READY"
-                models.append(index(name=adapter_id, version=str(info.version), state=state))
+        models += [self._model_index(listed) for listed in listing.adapters]
         if request.ready:
             models = [model for model in models if model.state == "READY"]
         return oip.RepositoryIndexResponse(models=models)

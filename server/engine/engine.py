@@ -381,6 +381,10 @@ class Engine:
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.infos()
 
+    def first_loads(self) -> frozenset[str]:
+        """Adapters whose first read from disk is running (not in ``list_adapters`` yet)."""
+        return self.adapters.first_loads()
+
     # ------------------------------------------------------------------------------------------ engine loop
 
     def _loop(self) -> None:

@@ -114,6 +114,7 @@ class AdapterInfo:
     loaded_at: float  # wall-clock seconds since the epoch
     requests_served: int
     source_dir: str
+    files_signature: tuple[int, ...]  # of source_dir's files when this version was read (lora.sources)
 
 
 @dataclass(frozen=True)

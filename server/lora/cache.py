@@ -35,6 +35,7 @@ from loraplex.server.lora.sources import (
     AdapterOutsideRoot,
     AdapterRoots,
     InvalidAdapterId,
+    files_signature,
     validate_adapter_id,
 )
 from loraplex.server.model.shape import ModelShape
@@ -61,6 +62,7 @@ class AdapterVersion:
     use_dora: bool
     size_bytes: int
     source_dir: Path
+    files: tuple[int, ...]  # files_signature of source_dir when this version was last read
     loaded_at: float
     manifest: dict[str, Any] | None
     weights: AdapterWeights | None = field(repr=False)
@@ -81,17 +83,6 @@ class _Entry:
     loading: Future[AdapterVersion] | None = None
     rejected: tuple[tuple[int, ...], EngineError] | None = None
     next_version: int = 1
-
-
-def _files_signature(directory: Path) -> tuple[int, ...]:
-    parts: list[int] = []
-    for name in (peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, peft_format.MANIFEST_FILE):
-        try:
-            stat = (directory / name).stat()
-            parts += [stat.st_mtime_ns, stat.st_size, stat.st_ino]
-        except OSError:
-            parts += [-1, -1, -1]
-    return tuple(parts)
 
 
 class AdapterManager:
@@ -188,7 +179,7 @@ class AdapterManager:
     # ----------------------------------------------------------------------------------------------- loading
 
     def _start_load(self, entry: _Entry, directory: Path) -> Future[AdapterVersion]:
-        signature = _files_signature(directory)
+        signature = files_signature(directory)
         if entry.rejected is not None and entry.rejected[0] == signature:
             failed: Future[AdapterVersion] = Future()
             failed.set_exception(entry.rejected[1])
@@ -253,15 +244,18 @@ class AdapterManager:
                 future.set_exception(error)
                 return
             entry.rejected = None
-            version = self._install(entry, weights, dora)
+            version = self._install(entry, weights, dora, signature)
             self._trim_host()
         future.set_result(version)
 
-    def _install(self, entry: _Entry, weights: AdapterWeights, dora: DoraScales | None) -> AdapterVersion:
+    def _install(
+        self, entry: _Entry, weights: AdapterWeights, dora: DoraScales | None, signature: tuple[int, ...]
+    ) -> AdapterVersion:
         current = entry.current
         if current is not None and current.content_hash == weights.content_hash:
             if current.weights is None and current.placement is None:
                 current.weights, current.dora_scales = weights, dora
+            current.files = signature  # same content under new file times: nothing left to read
             return current
         version = AdapterVersion(
             adapter_id=entry.adapter_id,
@@ -272,6 +266,7 @@ class AdapterManager:
             use_dora=weights.use_dora,
             size_bytes=weights.nbytes,
             source_dir=weights.source_dir,
+            files=signature,
             loaded_at=time.time(),
             manifest=dict(weights.manifest) if weights.manifest else None,
             weights=weights,
@@ -447,6 +442,7 @@ class AdapterManager:
             loaded_at=version.loaded_at,
             requests_served=version.requests_served,
             source_dir=str(version.source_dir),
+            files_signature=version.files,
         )
 
     def current_version(self, adapter_id: str) -> AdapterVersion | None:
@@ -469,6 +465,15 @@ class AdapterManager:
                 for entry in sorted(self._entries.values(), key=lambda e: e.adapter_id)
                 if entry.current is not None and not entry.unloaded
             ]
+
+    def first_loads(self) -> frozenset[str]:
+        """Ids being read from disk that have no version yet (so ``infos`` does not list them)."""
+        with self._lock:
+            return frozenset(
+                entry.adapter_id
+                for entry in self._entries.values()
+                if entry.current is None and entry.loading is not None and not entry.unloaded
+            )
 
     def counts(self) -> tuple[int, int]:
         """(adapters on the device, adapters with host weights)."""

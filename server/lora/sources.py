@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplex.server.lora.format import CONFIG_FILE
+from loraplex.server.lora.format import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ID_LENGTH = 256
@@ -29,6 +29,19 @@ class AdapterOutsideRoot(ValueError):
 
 class AdapterDirectoryMissing(LookupError):
     """No adapter directory with this id exists under any adapter root."""
+
+
+def files_signature(directory: Path) -> tuple[int, ...]:
+    """What identifies the state of an adapter directory's files without reading them: mtime, size and inode of
+    each (-1s for a missing one). A changed signature means the files must be read again."""
+    parts: list[int] = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
+        try:
+            stat = (directory / name).stat()
+            parts += [stat.st_mtime_ns, stat.st_size, stat.st_ino]
+        except OSError:
+            parts += [-1, -1, -1]
+    return tuple(parts)
 
 
 def validate_adapter_id(adapter_id: str) -> str:

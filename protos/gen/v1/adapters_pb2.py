@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x02\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x10\n\x08use_dora\x18\x06 \x01(\x08\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12(\n\x04tier\x18\x08 \x01(\x0e\x32\x1a.loraplex.v1.ResidencyTier\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12-\n\tloaded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frequests_served\x18\x0b \x01(\x04\"B\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x03pin\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x06\n\x04_pin\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\">\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Adapter\"`\n\x12UploadAdapterChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .loraplex.v1.UploadAdapterHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"m\n\x13UploadAdapterHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.loraplex.v1.UploadedFile\x12\x10\n\x03pin\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x06\n\x04_pin\"@\n\x0cUploadedFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*\x98\x01\n\rResidencyTier\x12\x1e\n\x1aRESIDENCY_TIER_UNSPECIFIED\x10\x00\x12\x19\n\x15RESIDENCY_TIER_DEVICE\x10\x01\x12\x17\n\x13RESIDENCY_TIER_HOST\x10\x02\x12\x17\n\x13RESIDENCY_TIER_DISK\x10\x03\x12\x1a\n\x16RESIDENCY_TIER_LOADING\x10\x04\x32\x8b\x03\n\x08\x41\x64\x61pters\x12\x44\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12H\n\rUploadAdapter\x12\x1f.loraplex.v1.UploadAdapterChunk\x1a\x14.loraplex.v1.Adapter(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/adapters.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x02\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x10\n\x08use_dora\x18\x06 \x01(\x08\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12(\n\x04tier\x18\x08 \x01(\x0e\x32\x1a.loraplex.v1.ResidencyTier\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12-\n\tloaded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frequests_served\x18\x0b \x01(\x04\x12\x15\n\rfiles_changed\x18\x0c \x01(\x08\"B\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x03pin\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x06\n\x04_pin\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"$\n\x13ListAdaptersRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"`\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.loraplex.v1.Adapter\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\r\n\x05total\x18\x03 \x01(\r\"`\n\x12UploadAdapterChunk\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .loraplex.v1.UploadAdapterHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"m\n\x13UploadAdapterHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.loraplex.v1.UploadedFile\x12\x10\n\x03pin\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x06\n\x04_pin\"@\n\x0cUploadedFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*\x98\x01\n\rResidencyTier\x12\x1e\n\x1aRESIDENCY_TIER_UNSPECIFIED\x10\x00\x12\x19\n\x15RESIDENCY_TIER_DEVICE\x10\x01\x12\x17\n\x13RESIDENCY_TIER_HOST\x10\x02\x12\x17\n\x13RESIDENCY_TIER_DISK\x10\x03\x12\x1a\n\x16RESIDENCY_TIER_LOADING\x10\x04\x32\x8b\x03\n\x08\x41\x64\x61pters\x12\x44\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x14.loraplex.v1.Adapter\x12H\n\rUploadAdapter\x12\x1f.loraplex.v1.UploadAdapterChunk\x1a\x14.loraplex.v1.Adapter(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.proto.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESIDENCYTIER']._serialized_start=894
-  _globals['_RESIDENCYTIER']._serialized_end=1046
+  _globals['_RESIDENCYTIER']._serialized_start=966
+  _globals['_RESIDENCYTIER']._serialized_end=1118
   _globals['_ADAPTER']._serialized_start=77
-  _globals['_ADAPTER']._serialized_end=351
-  _globals['_LOADADAPTERREQUEST']._serialized_start=353
-  _globals['_LOADADAPTERREQUEST']._serialized_end=419
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=421
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=463
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=465
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=488
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=490
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=511
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=513
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=575
-  _globals['_UPLOADADAPTERCHUNK']._serialized_start=577
-  _globals['_UPLOADADAPTERCHUNK']._serialized_end=673
-  _globals['_UPLOADADAPTERHEADER']._serialized_start=675
-  _globals['_UPLOADADAPTERHEADER']._serialized_end=784
-  _globals['_UPLOADEDFILE']._serialized_start=786
-  _globals['_UPLOADEDFILE']._serialized_end=850
-  _globals['_GETADAPTERREQUEST']._serialized_start=852
-  _globals['_GETADAPTERREQUEST']._serialized_end=891
-  _globals['_ADAPTERS']._serialized_start=1049
-  _globals['_ADAPTERS']._serialized_end=1444
+  _globals['_ADAPTER']._serialized_end=374
+  _globals['_LOADADAPTERREQUEST']._serialized_start=376
+  _globals['_LOADADAPTERREQUEST']._serialized_end=442
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=444
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=486
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=488
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=511
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=513
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=549
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=551
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=647
+  _globals['_UPLOADADAPTERCHUNK']._serialized_start=649
+  _globals['_UPLOADADAPTERCHUNK']._serialized_end=745
+  _globals['_UPLOADADAPTERHEADER']._serialized_start=747
+  _globals['_UPLOADADAPTERHEADER']._serialized_end=856
+  _globals['_UPLOADEDFILE']._serialized_start=858
+  _globals['_UPLOADEDFILE']._serialized_end=922
+  _globals['_GETADAPTERREQUEST']._serialized_start=924
+  _globals['_GETADAPTERREQUEST']._serialized_end=963
+  _globals['_ADAPTERS']._serialized_start=1121
+  _globals['_ADAPTERS']._serialized_end=1516
 # @@protoc_insertion_point(module_scope)

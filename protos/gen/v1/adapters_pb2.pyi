@@ -36,7 +36,7 @@ class _ResidencyTierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Residen
     RESIDENCY_TIER_HOST: _ResidencyTier.ValueType  # 2
     """in host memory, one copy away from a slot"""
     RESIDENCY_TIER_DISK: _ResidencyTier.ValueType  # 3
-    """known, not in memory"""
+    """on disk, not in memory (version 0: never loaded, or taken out by UnloadAdapter)"""
     RESIDENCY_TIER_LOADING: _ResidencyTier.ValueType  # 4
 
 class ResidencyTier(_ResidencyTier, metaclass=_ResidencyTierEnumTypeWrapper): ...
@@ -47,7 +47,7 @@ RESIDENCY_TIER_DEVICE: ResidencyTier.ValueType  # 1
 RESIDENCY_TIER_HOST: ResidencyTier.ValueType  # 2
 """in host memory, one copy away from a slot"""
 RESIDENCY_TIER_DISK: ResidencyTier.ValueType  # 3
-"""known, not in memory"""
+"""on disk, not in memory (version 0: never loaded, or taken out by UnloadAdapter)"""
 RESIDENCY_TIER_LOADING: ResidencyTier.ValueType  # 4
 Global___ResidencyTier: _TypeAlias = ResidencyTier  # noqa: Y015
 
@@ -66,6 +66,7 @@ class Adapter(_message.Message):
     PINNED_FIELD_NUMBER: _builtins.int
     LOADED_AT_FIELD_NUMBER: _builtins.int
     REQUESTS_SERVED_FIELD_NUMBER: _builtins.int
+    FILES_CHANGED_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     version: _builtins.int
     content_hash: _builtins.str
@@ -76,6 +77,10 @@ class Adapter(_message.Message):
     pinned: _builtins.bool
     """kept on the device, never evicted"""
     requests_served: _builtins.int
+    files_changed: _builtins.bool
+    """Set by ListAdapters and GetAdapter: the files on disk changed since this version was read. LoadAdapter (or the
+    next read after eviction) serves them, as a new version when their content differs.
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -94,10 +99,11 @@ class Adapter(_message.Message):
         pinned: _builtins.bool = ...,
         loaded_at: _timestamp_pb2.Timestamp | None = ...,
         requests_served: _builtins.int = ...,
+        files_changed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loaded_at", b"loaded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "content_hash", b"content_hash", "loaded_at", b"loaded_at", "pinned", b"pinned", "rank", b"rank", "requests_served", b"requests_served", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_dora", b"use_dora", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "content_hash", b"content_hash", "files_changed", b"files_changed", "loaded_at", b"loaded_at", "pinned", b"pinned", "rank", b"rank", "requests_served", b"requests_served", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_dora", b"use_dora", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,12 +172,17 @@ Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015
 class ListAdaptersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """at most this many adapters; 0 = the server's adapters.list_limit, which also caps it"""
     def __init__(
         self,
+        *,
+        limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -182,16 +193,26 @@ class ListAdaptersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """more adapters than the limit: the ones in memory (pinned first) were kept"""
+    total: _builtins.int
+    """how many adapters the caller may see, listed or not"""
     @_builtins.property
-    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Adapter]: ...
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Adapter]:
+        """A never-loaded adapter has version 0 and only its id and tier (DISK, or LOADING while its first load runs)."""
+
     def __init__(
         self,
         *,
         adapters: _abc.Iterable[Global___Adapter] | None = ...,
+        truncated: _builtins.bool = ...,
+        total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "total", b"total", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,7 +79,8 @@ class AdaptersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """The loaded adapters (sorted by id).
+        """The adapters in memory and those found on the adapter roots (sorted by id), at most adapters.list_limit of them:
+        when there are more, the ones in memory are kept before those only on disk and the response says so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,9 @@ class AdaptersStub:
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.UnloadAdapterRequest, _adapters_pb2.UnloadAdapterResponse]
     """Takes the adapter out of service: running requests finish on their version, new ones get NOT_FOUND."""
     ListAdapters: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.ListAdaptersRequest, _adapters_pb2.ListAdaptersResponse]
-    """The loaded adapters (sorted by id)."""
+    """The adapters in memory and those found on the adapter roots (sorted by id), at most adapters.list_limit of them:
+    when there are more, the ones in memory are kept before those only on disk and the response says so.
+    """
     GetAdapter: _grpc.UnaryUnaryMultiCallable[_adapters_pb2.GetAdapterRequest, _adapters_pb2.Adapter]
     UploadAdapter: _grpc.StreamUnaryMultiCallable[_adapters_pb2.UploadAdapterChunk, _adapters_pb2.Adapter]
     """Copies an adapter directory onto the server (under its upload root, adapters.upload_root) and loads it: the
@@ -57,7 +59,9 @@ class AdaptersAsyncStub(AdaptersStub):
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_adapters_pb2.UnloadAdapterRequest, _adapters_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
     """Takes the adapter out of service: running requests finish on their version, new ones get NOT_FOUND."""
     ListAdapters: _aio.UnaryUnaryMultiCallable[_adapters_pb2.ListAdaptersRequest, _adapters_pb2.ListAdaptersResponse]  # type: ignore[assignment]
-    """The loaded adapters (sorted by id)."""
+    """The adapters in memory and those found on the adapter roots (sorted by id), at most adapters.list_limit of them:
+    when there are more, the ones in memory are kept before those only on disk and the response says so.
+    """
     GetAdapter: _aio.UnaryUnaryMultiCallable[_adapters_pb2.GetAdapterRequest, _adapters_pb2.Adapter]  # type: ignore[assignment]
     UploadAdapter: _aio.StreamUnaryMultiCallable[_adapters_pb2.UploadAdapterChunk, _adapters_pb2.Adapter]  # type: ignore[assignment]
     """Copies an adapter directory onto the server (under its upload root, adapters.upload_root) and loads it: the
@@ -89,7 +93,9 @@ class AdaptersServicer(metaclass=_abc_1.ABCMeta):
         request: _adapters_pb2.ListAdaptersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_adapters_pb2.ListAdaptersResponse, _abc.Awaitable[_adapters_pb2.ListAdaptersResponse]]:
-        """The loaded adapters (sorted by id)."""
+        """The adapters in memory and those found on the adapter roots (sorted by id), at most adapters.list_limit of them:
+        when there are more, the ones in memory are kept before those only on disk and the response says so.
+        """
 
     @_abc_1.abstractmethod
     def GetAdapter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 import loraplex.server
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraplex.server.lora.format import CONFIG_FILE
 from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import ADAPTERS, MAX_RANK, request
 from tests.support.adapters import write_adapter
@@ -29,6 +31,10 @@ def _code(call: object, *args: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as raised:
         call(*args)  # type: ignore[operator]
     return raised.value.code(), raised.value.details()
+
+
+def _listed(adapters: adapters_pb2_grpc.AdaptersStub, limit: int = 0) -> adapters_pb2.ListAdaptersResponse:
+    return adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(limit=limit))
 
 
 def test_load_get_list_pin_and_unload(
@@ -65,7 +71,8 @@ def test_load_get_list_pin_and_unload(
     )
     code, message = _code(adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id))
     assert code == grpc.StatusCode.NOT_FOUND and "not loaded" in message
-    assert adapter_id not in {a.adapter_id for a in adapters.ListAdapters(adapters_pb2.ListAdaptersRequest()).adapters}
+    (listed_after,) = [a for a in _listed(adapters).adapters if a.adapter_id == adapter_id]
+    assert (listed_after.tier, listed_after.version) == (adapters_pb2.RESIDENCY_TIER_DISK, 0)  # on disk only
 
 
 def test_changed_files_make_a_new_version(
@@ -83,6 +90,58 @@ def test_changed_files_make_a_new_version(
     assert (first.version, second.version) == (1, 2) and first.content_hash != second.content_hash
     assert (before.served_by.adapter_version, after.served_by.adapter_version) == (1, 2)
     assert list(before.token_ids) != list(after.token_ids)
+
+
+def test_list_names_adapters_on_disk_and_in_memory_and_keeps_those_in_memory_when_cut(
+    adapters: adapters_pb2_grpc.AdaptersStub, adapter_root: Path, base_shape: ModelShape
+) -> None:
+    write_adapter(adapter_root / "listing" / "on-disk", base_shape, rank=4, seed=21)
+    write_adapter(adapter_root / "listing" / "pinned", base_shape, rank=4, seed=22)
+    adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id="listing/pinned", pin=True))
+    try:
+        full = _listed(adapters)
+        ids = [a.adapter_id for a in full.adapters]
+        assert ids == sorted(ids) and (full.truncated, full.total) == (False, len(ids))
+        assert {*ADAPTERS, "too-big", "broken", "listing/on-disk", "listing/pinned"} <= set(ids)
+        by_id = {a.adapter_id: a for a in full.adapters}
+        disk = by_id["listing/on-disk"]
+        assert (disk.tier, disk.version, disk.rank, disk.pinned) == (adapters_pb2.RESIDENCY_TIER_DISK, 0, 0, False)
+        assert not disk.HasField("loaded_at") and not disk.files_changed
+        pinned = by_id["listing/pinned"]
+        assert pinned.tier in (adapters_pb2.RESIDENCY_TIER_HOST, adapters_pb2.RESIDENCY_TIER_DEVICE)
+        assert (pinned.version >= 1, pinned.rank, pinned.pinned, pinned.files_changed) == (True, 4, True, False)
+
+        loaded = sorted(a.adapter_id for a in full.adapters if a.version >= 1)
+        cut = _listed(adapters, limit=len(loaded))
+        assert [a.adapter_id for a in cut.adapters] == loaded and (cut.truncated, cut.total) == (True, full.total)
+        pinned_ids = sorted(a.adapter_id for a in full.adapters if a.pinned)
+        assert [a.adapter_id for a in _listed(adapters, limit=len(pinned_ids)).adapters] == pinned_ids
+        assert [a.adapter_id for a in _listed(adapters, limit=10**6).adapters] == ids  # the server's cap is higher
+    finally:
+        adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id="listing/pinned", pin=False))
+
+
+def test_list_and_get_say_when_the_files_changed_since_they_were_read(
+    adapters: adapters_pb2_grpc.AdaptersStub, adapter_root: Path, base_shape: ModelShape
+) -> None:
+    adapter_id = "listing/changing"
+    directory = write_adapter(adapter_root / adapter_id, base_shape, rank=4, seed=31)
+    adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id))
+
+    def state() -> tuple[int, bool, bool]:
+        (listed,) = [a for a in _listed(adapters).adapters if a.adapter_id == adapter_id]
+        shown = adapters.GetAdapter(adapters_pb2.GetAdapterRequest(adapter_id=adapter_id))
+        return listed.version, listed.files_changed, shown.files_changed
+
+    assert state() == (1, False, False)
+    os.utime(directory / CONFIG_FILE, ns=(time.time_ns(), time.time_ns() + 10**9))  # same content, new time
+    assert state() == (1, True, True)
+    adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id))
+    assert state() == (1, False, False)  # read again: the same content keeps its version
+    write_adapter(directory, base_shape, rank=4, seed=32)
+    assert state() == (1, True, True)
+    adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id))
+    assert state() == (2, False, False)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from tests.support.server_process import ServerProcess
 ADMIN = "ops-token-5b0c1d2e3f4a5b6c7d8e"
 TEAM_A = "team-a-token-0f1e2d3c4b5a6978"
 TEAM_B = "team-b-token-99aa88bb77cc66dd"
+LIST_LIMIT = 8  # below the 10 adapters each team may use
 TOKENS = {
     ADMIN: {"tenant": "ops", "adapters": ["*"], "routes": ["*"], "admin": True},
     TEAM_A: {"tenant": "team-a", "adapters": ["t0*", "base"], "routes": ["checkout-*"]},
@@ -37,7 +38,12 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, adapter_root: Path) ->
     directory = tmp_path_factory.mktemp("auth")
     tokens = directory / "tokens.yaml"
     tokens.write_text(yaml.safe_dump(TOKENS))
-    flags = (f"--auth.tokens-file={tokens}", "--engine.max-running=1", "--engine.max-queue=1")
+    flags = (
+        f"--auth.tokens-file={tokens}",
+        "--engine.max-running=1",
+        "--engine.max-queue=1",
+        f"--adapters.list-limit={LIST_LIMIT}",
+    )
     with ServerProcess.start(directory / "server.log", [adapter_root], *flags) as process:
         yield process
         assert process.stop() == 0
@@ -129,11 +135,34 @@ def test_admin_rpcs_need_an_admin_tenant_and_lists_show_only_what_a_tenant_may_u
         response = adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(), metadata=bearer(token))
         return {a.adapter_id for a in response.adapters}
 
-    assert listed(ADMIN) >= {"t01", "t11"} and listed(TEAM_A) == {"t01"} and listed(TEAM_B) == {"t11"}
+    assert listed(ADMIN) >= {"t01", "t11"}  # loaded: kept however many adapters the roots hold
+    assert "t01" in listed(TEAM_A) <= {a for a in ADAPTERS if a.startswith("t0")}
+    assert "t11" in listed(TEAM_B) <= {a for a in ADAPTERS if a.startswith("t1")}
     index = oip_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
         oip.RepositoryIndexRequest(), metadata=bearer(TEAM_B)
     )
-    assert {m.name for m in index.models} == {a for a in ADAPTERS if a.startswith("t1")}
+    names = {m.name for m in index.models}
+    assert len(names) == LIST_LIMIT and "t11" in names <= {a for a in ADAPTERS if a.startswith("t1")}
+
+
+def test_a_tenants_list_counts_and_cuts_only_its_own_adapters(channel: grpc.Channel) -> None:
+    adapters = adapters_pb2_grpc.AdaptersStub(channel)
+    adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id="t07", pin=True), metadata=bearer(ADMIN))
+    adapters.LoadAdapter(adapters_pb2.LoadAdapterRequest(adapter_id="t18", pin=True), metadata=bearer(ADMIN))
+    try:
+        team_a = [a for a in ADAPTERS if a.startswith("t0")]
+        for limit in (0, 100):  # unset and above the cap: the server's adapters.list_limit
+            response = adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(limit=limit), metadata=bearer(TEAM_A))
+            ids = [a.adapter_id for a in response.adapters]
+            assert (len(ids), response.truncated, response.total) == (LIST_LIMIT, True, len(team_a))
+            assert ids == sorted(ids) and set(ids) <= set(team_a) and "t07" in ids
+        (pinned,) = adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(limit=1), metadata=bearer(TEAM_A)).adapters
+        assert (pinned.adapter_id, pinned.pinned, pinned.version >= 1) == ("t07", True, True)  # not team-b's t18
+    finally:
+        for adapter_id in ("t07", "t18"):
+            adapters.LoadAdapter(
+                adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id, pin=False), metadata=bearer(ADMIN)
+            )
 
 
 def test_health_and_reflection_need_no_token(channel: grpc.Channel) -> None:

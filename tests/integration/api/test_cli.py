@@ -4,13 +4,19 @@ health, and errors that say what went wrong."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from loraplex.client import Client
+from loraplex.client import Client, render
+from loraplex.server.lora.format import CONFIG_FILE
+from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import ADAPTERS, PROMPT, cli
+from tests.support.adapters import write_adapter
 from tests.support.server_process import ServerProcess
 
 
@@ -64,6 +70,27 @@ def test_adapter_admin_tables_and_json(server: ServerProcess) -> None:
     assert cli(server, "adapters", "load", ADAPTERS[12], "--unpin").returncode == 0
     assert cli(server, "adapters", "unload", ADAPTERS[12]).stdout.strip() == f"unloaded {ADAPTERS[12]}"
     assert cli(server, "adapters", "load", ADAPTERS[12]).returncode == 0  # back for the other tests
+
+
+def test_adapters_list_shows_those_on_disk_and_notes_changed_files_and_a_cut(
+    server: ServerProcess, client: Client, adapter_root: Path, base_shape: ModelShape
+) -> None:
+    directory = write_adapter(adapter_root / "cli" / "changed", base_shape, rank=4, seed=41)
+    client.load_adapter("cli/changed")
+    os.utime(directory / CONFIG_FILE, ns=(time.time_ns(), time.time_ns() + 10**9))
+    done = cli(server, "adapters", "list")
+    assert done.returncode == 0 and done.stderr == ""
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:-1]}
+    assert rows["broken"] == ["broken", "-", "-", "disk", "no", "-", "-", "-"]  # on disk, never loaded
+    assert rows["cli/changed"][1] == "1*" and done.stdout.splitlines()[-1] == render.CHANGED_NOTE
+    total = client.list_adapters().total
+    cut = cli(server, "adapters", "list", "--limit", "2")
+    assert len([line for line in cut.stdout.splitlines()[1:] if line != render.CHANGED_NOTE]) == 2
+    assert cut.stderr.startswith(f"showing 2 of {total} adapters (those in memory first)")
+    scripted = cli(server, "--json", "adapters", "list", "--limit", "2")
+    assert len(json.loads(scripted.stdout)) == 2 and scripted.stderr == cut.stderr
+    refused = cli(server, "adapters", "list", "--limit", "0")
+    assert refused.returncode == 2 and "'0' is not a whole number of at least 1" in refused.stderr
 
 
 def test_status_health_and_tokenize(server: ServerProcess) -> None:

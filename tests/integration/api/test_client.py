@@ -70,6 +70,36 @@ def test_chat_tokenize_and_admin(client: Client) -> None:
     assert client.health("inference.GRPCInferenceService") == "SERVING"
 
 
+def test_chat_takes_openai_style_dicts_beside_chat_messages(client: Client, server: ServerProcess) -> None:
+    typed = client.chat([ChatMessage("user", "Name a planet.")], max_new_tokens=4)
+    plain = client.chat([{"role": "user", "content": "Name a planet."}], max_new_tokens=4)
+    assert plain.token_ids == typed.token_ids and len(typed.token_ids) >= 1
+    streamed = client.chat_stream([{"role": "user", "content": "Name a planet."}], max_new_tokens=4)
+    assert tuple(t for c in streamed for t in c.token_ids) == typed.token_ids
+    assert client.tokenize(chat=[{"role": "user", "content": "Name a planet."}]).count == typed.usage.prompt_tokens
+
+    async def asynchronously() -> tuple[int, ...]:
+        async with AsyncClient(server.target) as aclient:
+            return (await aclient.chat([{"role": "user", "content": "Name a planet."}], max_new_tokens=4)).token_ids
+
+    assert asyncio.run(asynchronously()) == typed.token_ids
+    with pytest.raises(ValueError, match=r"chat\[0\]: no 'content'"):
+        client.chat([{"role": "user"}])
+
+
+def test_list_adapters_names_those_on_disk_and_says_when_it_is_cut(client: Client) -> None:
+    client.load_adapter(ADAPTERS[15])
+    listing = client.list_adapters()
+    by_id = {a.adapter_id: a for a in listing}
+    assert (listing.truncated, listing.total, len(listing)) == (False, len(by_id), len(by_id))
+    assert by_id["broken"].version == 0 and by_id["broken"].tier == "disk" and by_id["broken"].loaded_at is None
+    assert by_id[ADAPTERS[15]].version >= 1 and by_id[ADAPTERS[15]].loaded_at is not None
+    cut = client.list_adapters(limit=1)
+    assert (len(cut), cut.truncated, cut.total) == (1, True, listing.total) and cut[0].version >= 1
+    with pytest.raises(ValueError, match="limit is 0"):
+        client.list_adapters(limit=0)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "says"),
     [

@@ -64,7 +64,8 @@ def test_every_copy_source_exists_and_keeps_its_path_under_src(stages: dict[str,
             assert landed == f"/src/{source}", f"COPY {source} lands at {landed}, not /src/{source}"
             copied.add(Path(source))
     for root in (REPO, REPO / "clients"):  # every folder a distribution maps into the loraplex namespace
-        for folder in tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values():
+        mapping = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+        for folder in mapping.values():
             mapped = (root / folder).resolve().relative_to(REPO)
             assert any(mapped.is_relative_to(c) for c in copied), f"{mapped} is not copied into the image"
 
