@@ -1,9 +1,13 @@
 """``loraplex-server``: wires settings, base model, engine and the gRPC API together; owns start-up and shutdown.
 
+Threads: the process's main thread does all the torch work (loads the base model, then runs the engine's step
+loop, see :meth:`Engine.run` for why it must be the main thread); the asyncio event loop with the gRPC and metrics
+servers runs on the ``api`` thread. :class:`EngineHandoff` passes the engine and the stop request between them.
+
 Start-up: the routes file is read and checked (every adapter it names must exist), the ``/metrics`` HTTP server and
-the gRPC server listen (health NOT_SERVING, calls get UNAVAILABLE), then the base model loads and the engine starts
-on a worker thread, then health goes SERVING. SIGTERM or SIGINT: health goes NOT_SERVING, new
-calls get UNAVAILABLE, accepted requests finish within ``server.grace_period_s``, the process exits 0.
+the gRPC server listen (health NOT_SERVING, calls get UNAVAILABLE), then the base model loads and the engine starts,
+then health goes SERVING. SIGTERM or SIGINT: health goes NOT_SERVING, new calls get UNAVAILABLE, accepted requests
+finish within ``server.grace_period_s``, the engine stops, the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 from prometheus_client import disable_created_metrics
@@ -34,10 +40,69 @@ log = logging.getLogger("loraplex.server")
 _STOP_GRACE_S = 1.0  # after the drain: time for the last messages of finished requests to go out
 
 
+class EngineHandoff:
+    """What the main (torch) thread and the api (asyncio) thread tell each other during start-up and shutdown."""
+
+    def __init__(self) -> None:
+        self._listening = threading.Event()  # set when the API listens, or gave up (then ``api_failed``)
+        self.api_failed = False
+        self.listener: EngineListener | None = None
+        self._engine: asyncio.Future[Engine | None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_requested = False
+        self.started: Engine | None = None
+
+    # api thread
+    def listening(self, listener: EngineListener) -> asyncio.Event:
+        """The API listens; returns the event set when a stop is requested. Call from the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        self._engine = self._loop.create_future()
+        self.listener = listener
+        self._listening.set()
+        return self._stop
+
+    def give_up(self) -> None:
+        self.api_failed = True
+        self._listening.set()
+
+    async def engine(self) -> Engine | None:
+        """The started engine, or None when it failed to start."""
+        assert self._engine is not None
+        return await self._engine
+
+    # main thread
+    def wait_listening(self) -> bool:
+        self._listening.wait()
+        return not self.api_failed
+
+    def engine_ready(self, engine: Engine | None) -> None:
+        assert self._loop is not None and self._engine is not None
+        self.started = engine
+        future = self._engine
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(engine)
+
+        self._loop.call_soon_threadsafe(resolve)
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """The SIGTERM/SIGINT handler (signals are delivered to the main thread)."""
+        del signum, frame
+        self._stop_requested = True
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+
+
 def start_engine(settings: Settings, listener: EngineListener) -> Engine:
     base = load_base(settings.model)
     engine = Engine(base, settings, listener=listener)
-    engine.start()
+    engine.open()
     log.info("engine started: %s", describe(engine))
     return engine
 
@@ -78,8 +143,8 @@ def attach_engine(telemetry: Telemetry, engine: Engine) -> None:
     telemetry.attach_engine(engine.stats, engine.settings.engine.max_queue, manifest_of, build)
 
 
-async def serve(settings: Settings) -> int:
-    """Runs the server until SIGTERM/SIGINT; returns the exit status."""
+async def serve(settings: Settings, handoff: EngineHandoff) -> int:
+    """The api thread: runs the servers until a stop is requested; returns the exit status."""
     try:
         tokens = TokenTable.load(settings.auth.tokens_file) if settings.auth.tokens_file else None
         router = open_router(settings)
@@ -89,18 +154,25 @@ async def serve(settings: Settings) -> int:
         metrics = telemetry.serve(metrics_host, settings.server.metrics_port)
     except (AuthConfigError, RoutingError, ValueError, RuntimeError, OSError) as exc:
         log.error("cannot start: %s", exc)
+        handoff.give_up()
         return 2
     telemetry.attach_routes(lambda: route_gauges(router))
     log.info("metrics on http://%s:%d/metrics", metrics_host, metrics.server_address[1])
     try:
-        return await _serve(settings, api, tokens, telemetry)
+        return await _serve(settings, api, tokens, telemetry, handoff)
     finally:
         metrics.shutdown()
 
 
-async def _serve(settings: Settings, api: ApiServer, tokens: TokenTable | None, telemetry: Telemetry) -> int:
+async def _serve(
+    settings: Settings, api: ApiServer, tokens: TokenTable | None, telemetry: Telemetry, handoff: EngineHandoff
+) -> int:
     await api.state.mark_starting()
-    await api.server.start()
+    try:
+        await api.server.start()
+    except Exception:
+        handoff.give_up()
+        raise
     log.info(
         "listening on %s:%d (%s, auth %s)",
         settings.server.host,
@@ -108,14 +180,9 @@ async def _serve(settings: Settings, api: ApiServer, tokens: TokenTable | None, 
         "TLS" if api.tls else "plaintext",
         f"on, {len(tokens)} tokens" if tokens else "off",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        engine = await asyncio.to_thread(start_engine, settings, telemetry.listener)
-    except Exception:
-        log.exception("the engine failed to start")
+    stop = handoff.listening(telemetry.listener)
+    engine = await handoff.engine()
+    if engine is None:
         await api.server.stop(grace=None)
         return 1
     attach_engine(telemetry, engine)
@@ -134,11 +201,45 @@ async def _serve(settings: Settings, api: ApiServer, tokens: TokenTable | None, 
     return 0
 
 
+def run_server(settings: Settings) -> int:
+    """Runs the api thread, loads the engine and runs its step loop on this (the main) thread; the exit status."""
+    handoff = EngineHandoff()
+    status: list[int] = []
+
+    def api_thread() -> None:
+        try:
+            status.append(asyncio.run(serve(settings, handoff)))
+        except BaseException:
+            log.exception("the API thread failed")
+            status.append(1)
+            handoff.give_up()
+        finally:
+            if handoff.started is not None:
+                handoff.started.stop()  # the main thread's step loop returns (a no-op after a normal drain)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handoff.request_stop)
+    api = threading.Thread(target=api_thread, name="api")
+    api.start()
+    if handoff.wait_listening():
+        assert handoff.listener is not None
+        try:
+            engine: Engine | None = start_engine(settings, handoff.listener)
+        except Exception:
+            log.exception("the engine failed to start")
+            engine = None
+        handoff.engine_ready(engine)
+        if engine is not None:
+            engine.run()  # until the api thread, having drained, calls engine.stop()
+    api.join()
+    return status[0] if status else 1
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double every counter
     settings = settings_from_argv(argv)
-    sys.exit(asyncio.run(serve(settings)))
+    sys.exit(run_server(settings))
 
 
 if __name__ == "__main__":

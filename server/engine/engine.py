@@ -53,7 +53,7 @@ from loraplex.server.engine.types import (
 )
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion
 from loraplex.server.lora.format import AdapterLimits
-from loraplex.server.lora.ops import select_backend
+from loraplex.server.lora.ops import select_kernels
 from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.lora.sources import AdapterRoots
 from loraplex.server.model.dora import dora_scales_for
@@ -153,9 +153,9 @@ class Engine:
             dora_scales_fn=lambda weights: dora_scales_for(base, weights),
             listener=self.listener,
         )
-        self.backend = select_backend(base.device, base.dtype)
+        self.lora_kernels = select_kernels(base.device, base.dtype, eng.lora_kernel)
         self.gather_decode = eng.attention == "gathered" or (eng.attention == "auto" and base.device.type == "cuda")
-        self.forward = DecoderForward(base, self.kv, self.backend)
+        self.forward = DecoderForward(base, self.kv, self.lora_kernels)
         self.scheduler = Scheduler(eng, self.kv, self.adapters)
         self.tokenizer = base.tokenizer
         self._backend_tokenizer = base.tokenizer.backend_tokenizer
@@ -168,12 +168,16 @@ class Engine:
         self._running_count = 0
         self._accepting = False
         self._stopping = False
+        self._stopped = False
         self._thread: threading.Thread | None = None
+        self._runner: threading.Thread | None = None  # the thread running the step loop
+        self._loop_done = threading.Event()
+        self._loop_done.set()  # no loop is running
         self.adapters.add_load_listener(self._wake.set)
         self.steps = 0
         log.info(
-            "engine ready: LoRA backend %s, KV cache %d tokens (%.0f MiB)",
-            self.backend.value,
+            "engine ready: LoRA kernels %s, KV cache %d tokens (%.0f MiB)",
+            self.lora_kernels.describe(),
             eng.kv_cache_tokens,
             self.kv.nbytes / 2**20,
         )
@@ -191,13 +195,28 @@ class Engine:
     # ------------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        """Runs the step loop on a new thread (in-process callers and tests); the server uses :meth:`run`."""
         if self._thread is not None:
             return
-        self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        self.open()
+
+    def open(self) -> None:
+        """Starts accepting requests and reads the preloaded adapters (waiting for them)."""
+        self._accepting = True
         for adapter_id in self.settings.adapters.preload:
             self.adapters.load(adapter_id, pin=None).result()
+
+    def run(self) -> None:
+        """Runs the step loop on the calling thread until :meth:`stop`; call :meth:`open` first.
+
+        The server calls it on the process's main thread, the one that loaded the model: with torch's OpenMP
+        (libgomp) backend, once a second thread has started a parallel region, parallel regions started by any
+        thread other than the main one slow down (the grouped LoRA matmul 2.6-43x, see loadtests/BENCHMARKS.md),
+        while the main thread keeps its speed. So every step's torch work runs on the main thread.
+        """
+        self._loop()
 
     def begin_drain(self) -> None:
         """Stops accepting requests; those already accepted keep running."""
@@ -215,13 +234,18 @@ class Engine:
             return not self._live
 
     def stop(self) -> None:
-        """Stops the engine thread; requests still live fail with ShuttingDown."""
+        """Stops the step loop (waiting for it); requests still live fail with ShuttingDown. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._accepting = False
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        elif threading.current_thread() is not self._runner:
+            self._loop_done.wait(timeout=30)
         with self._lock:
             leftovers = list(self._live.values())
             self._live.clear()
@@ -388,6 +412,14 @@ class Engine:
     # ------------------------------------------------------------------------------------------ engine loop
 
     def _loop(self) -> None:
+        self._runner = threading.current_thread()
+        self._loop_done.clear()
+        try:
+            self._steps_until_stopped()
+        finally:
+            self._loop_done.set()
+
+    def _steps_until_stopped(self) -> None:
         while not self._stopping:
             try:
                 worked = self._iterate()
@@ -565,7 +597,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         "device": str(base.device),
         "dtype": str(base.dtype).removeprefix("torch."),
         "quantization": base.quantization,
-        "lora_backend": engine.backend.value,
+        "lora_kernels": engine.lora_kernels.describe(),
         "decode_attention": "gathered" if engine.gather_decode else "per_sequence",
         "kv_cache_tokens": engine.kv.capacity,
         "torch_threads": torch.get_num_threads(),
