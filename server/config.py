@@ -124,6 +124,12 @@ class EngineSettings(_Section):
         description="decode attention: per_sequence reads each KV region in place (fastest on CPU); gathered "
         "batches all decode rows into one call (fewer launches on CUDA); auto picks by device",
     )
+    lora_kernel: Literal["auto", "grouped", "gather"] = Field(
+        "auto",
+        description="batched LoRA kernel: auto picks per layer call from its shape (gather for decode over distinct "
+        "adapters on CPU, grouped_mm for prefill and few adapters; grouped where it works on CUDA); grouped or "
+        "gather forces one (grouped is refused where torch lacks grouped_mm for the device and dtype)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -1,8 +1,8 @@
 """LoRA-aware linear layers: a base linear (float, int8 or nf4) plus the batched deltas of the step's pools.
 
 The base module runs once over all rows; each pool segment whose pool targets this module adds its delta to its
-row range through the backend chosen at start-up. No probing of module types on the hot path: the wrapper knows its
-layer index, module name and bias at construction.
+row range through the kernel :class:`LoraKernels` picks for that segment's shape. No probing of module types on
+the hot path: the wrapper knows its layer index, module name and bias at construction.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import torch
 from torch import nn
 
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import LoraBackend, apply_dora
+from loraplex.server.lora.ops import LoraKernels, apply_dora
 
 
 class LoraLinear:
     """``y = base(x)``, then for every pool segment targeting this module ``y[rows] += delta(x[rows])``."""
 
-    def __init__(self, base: nn.Module, layer: int, module: str, backend: LoraBackend) -> None:
+    def __init__(self, base: nn.Module, layer: int, module: str, kernels: LoraKernels) -> None:
         self.base = base
         self.layer = layer
         self.module = module
-        self._delta = backend.delta
+        self._kernels = kernels
         bias = getattr(base, "bias", None)
         self.bias: torch.Tensor | None = bias if isinstance(bias, torch.Tensor) else None
 
@@ -33,7 +33,8 @@ class LoraLinear:
             if stacks_a is None:
                 continue
             rows = slice(segment.start, segment.end)
-            delta = self._delta(
+            kernel = self._kernels.choose(segment.end - segment.start, segment.groups).delta
+            delta = kernel(
                 x[rows], stacks_a[self.layer], pool.b[self.module][self.layer], segment.slots, segment.group_ends
             )
             if pool.key.dora:

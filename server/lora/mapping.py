@@ -22,6 +22,7 @@ class LoraSegment:
     end: int  # one past the last row
     slots: torch.Tensor  # [end - start] long: slot of each row (non-decreasing)
     group_ends: torch.Tensor  # [pool.capacity] int32: one past the last row (relative to start) of each slot
+    groups: int  # distinct slots among the rows
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class LoraMapping:
                     end=row,
                     slots=torch.tensor(slots, dtype=torch.long, device=device),
                     group_ends=ends.to(device),
+                    groups=sum(1 for count in counts if count),
                 )
             )
         return cls(tuple(segments))

@@ -6,15 +6,19 @@ Semantics (what every implementation here computes)::
         delta[t] = (x[t] @ a[s]) @ b[s]          # a: [C, in, R], b: [C, R, out]; scaling folded into b
     tokens are sorted by slot, so slot s owns rows group_ends[s-1] .. group_ends[s]-1 (group_ends: [C], int32)
 
-Implementations, chosen once at start-up by :func:`select_backend`:
+Implementations (kernels), chosen per pool segment of every step by :class:`LoraKernels` from the segment's shape:
 
 - ``grouped``: two ``torch._grouped_mm`` calls (shrink ``x @ a``, expand ``@ b``) over the slot groups. It reads
-  each adapter's weights once, copies nothing, and is one op per pool per layer, so adapter count costs no Python.
-  Measured here at 32 decode tokens over 32 rank-16 adapters (576 → 1536): 0.28 ms, against 1.03 ms for
-  gather + bmm and 0.53 ms for the base layer itself.
-- ``gather``: gathers each token's ``a``/``b`` and uses ``bmm``; the fallback where grouped_mm is unavailable
-  (for example float32 on CUDA).
+  each adapter's weights once and copies nothing, but on CPU it pays per group: it wins when groups hold many rows
+  (prefill, or few adapters) and loses at decode with one row per adapter.
+- ``gather``: gathers each row's ``a``/``b`` and uses ``bmm``; it pays per row (a copy of the weights per row), so it
+  wins when rows and groups are few and about equal (decode over distinct adapters), and is the only kernel where
+  grouped_mm is unavailable (for example float32 on CUDA).
 - :func:`lora_delta_reference` is the plain per-token definition above, for tests.
+
+The CPU rule, measured by ``loadtests/bench_lora_ops.py`` (see loadtests/BENCHMARKS.md): gather when a segment has
+at most :data:`GATHER_MAX_ROWS` rows and at most :data:`GATHER_MAX_ROWS_PER_GROUP` rows per distinct adapter on
+average, grouped otherwise. On CUDA grouped is used wherever it works.
 
 DoRA (per slot a magnitude scale ``g = m / ||W + s·B·A||`` over output rows, precomputed at load) turns the layer
 output ``y = Wx + bias`` into ``bias + g ⊙ (Wx + delta)``: :func:`apply_dora`.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
@@ -73,6 +78,38 @@ class LoraBackend(StrEnum):
         return lora_delta_grouped if self is LoraBackend.GROUPED else lora_delta_gather
 
 
+GATHER_MAX_ROWS = 64
+GATHER_MAX_ROWS_PER_GROUP = 2.0
+
+
+@dataclass(frozen=True)
+class LoraKernels:
+    """Which kernel computes a segment of ``rows`` rows over ``groups`` distinct adapters."""
+
+    grouped_works: bool
+    by_shape: bool  # False: always the preferred kernel (grouped where it works)
+    forced: LoraBackend | None = None
+
+    def choose(self, rows: int, groups: int) -> LoraBackend:
+        if self.forced is not None:
+            return self.forced
+        if not self.grouped_works:
+            return LoraBackend.GATHER
+        if self.by_shape and rows <= GATHER_MAX_ROWS and rows <= GATHER_MAX_ROWS_PER_GROUP * groups:
+            return LoraBackend.GATHER
+        return LoraBackend.GROUPED
+
+    def describe(self) -> str:
+        if self.forced is not None:
+            return self.forced.value
+        if not self.grouped_works:
+            return LoraBackend.GATHER.value
+        if not self.by_shape:
+            return LoraBackend.GROUPED.value
+        rows, per_group = GATHER_MAX_ROWS, GATHER_MAX_ROWS_PER_GROUP
+        return f"by shape (gather up to {rows} rows and {per_group:g} rows/adapter, else grouped)"
+
+
 def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         x = torch.randn(5, 16, device=device, dtype=dtype)
@@ -88,8 +125,14 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> LoraBackend:
-    """The fast path for this device and dtype, chosen once: grouped where it runs correctly, else gather."""
-    if requested != "auto":
-        return LoraBackend(requested)
-    return LoraBackend.GROUPED if _grouped_mm_works(device, dtype) else LoraBackend.GATHER
+def select_kernels(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> LoraKernels:
+    """The kernel rule for this device and dtype: ``auto`` (by shape on CPU; grouped where it works on CUDA), or
+    one kernel forced (``grouped`` / ``gather``)."""
+    forced = None if requested == "auto" else LoraBackend(requested)
+    grouped_works = _grouped_mm_works(device, dtype)
+    if forced is LoraBackend.GROUPED and not grouped_works:
+        raise ValueError(
+            f"engine.lora_kernel=grouped: torch._grouped_mm does not run on {device.type} with {dtype}; "
+            "use auto or gather"
+        )
+    return LoraKernels(grouped_works=grouped_works, by_shape=device.type == "cpu", forced=forced)

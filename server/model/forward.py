@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.lora.layers import LoraLinear
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import LoraBackend
+from loraplex.server.lora.ops import LoraKernels
 from loraplex.server.model.loader import LoadedBase
 from loraplex.server.model.shape import ATTENTION_MODULES, MLP_MODULES
 
@@ -73,10 +73,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class DecoderForward:
     """Runs :class:`StepBatch` es through a Llama-style decoder with batched multi-adapter LoRA."""
 
-    def __init__(self, base: LoadedBase, kv_cache: KVCache, backend: LoraBackend) -> None:
+    def __init__(self, base: LoadedBase, kv_cache: KVCache, kernels: LoraKernels) -> None:
         self.base = base
         self.kv = kv_cache
-        self.backend = backend
+        self.kernels = kernels
         shape = base.shape
         self.num_heads = shape.num_heads
         self.num_kv_heads = shape.num_kv_heads
@@ -89,8 +89,8 @@ class DecoderForward:
         self.layers = list(inner.layers)
         self.linears: list[dict[str, LoraLinear]] = []
         for index, layer in enumerate(self.layers):
-            wrapped = {m: LoraLinear(getattr(layer.self_attn, m), index, m, backend) for m in ATTENTION_MODULES}
-            wrapped |= {m: LoraLinear(getattr(layer.mlp, m), index, m, backend) for m in MLP_MODULES}
+            wrapped = {m: LoraLinear(getattr(layer.self_attn, m), index, m, kernels) for m in ATTENTION_MODULES}
+            wrapped |= {m: LoraLinear(getattr(layer.mlp, m), index, m, kernels) for m in MLP_MODULES}
             self.linears.append(wrapped)
 
     def _attention(self, layer: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:

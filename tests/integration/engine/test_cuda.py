@@ -14,7 +14,7 @@ import torch
 
 from loraplex.server.config import ModelSettings
 from loraplex.server.engine.types import GenerationRequest, SamplingParams
-from loraplex.server.lora.ops import LoraBackend, lora_delta_reference, select_backend
+from loraplex.server.lora.ops import LoraBackend, lora_delta_reference, select_kernels
 from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import quantization_config
 from loraplex.server.model.random_model import write_random_llama
@@ -38,8 +38,8 @@ MAX_NEW = 10
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
 def test_backends_on_cuda_match_reference(dtype: torch.dtype, tolerance: float) -> None:
-    backend = select_backend(CUDA, dtype)
-    print(f"{dtype}: backend {backend.value}")
+    backend = select_kernels(CUDA, dtype).choose(rows=96, groups=16)
+    print(f"{dtype}: kernel {backend.value}")
     generator = torch.Generator().manual_seed(0)
     tokens, slots, rank, fan_in, fan_out = 96, 16, 16, 4096, 14336
     x = torch.randn(tokens, fan_in, generator=generator)

@@ -19,7 +19,7 @@ from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.types import ChatMessage
 from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import LoraBackend
+from loraplex.server.lora.ops import select_kernels
 from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.model.dora import dora_scales_for
 from loraplex.server.model.forward import DecoderForward, SequenceSpan, StepBatch
@@ -98,7 +98,7 @@ def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: P
     shape = base.shape
     slots = DeviceSlots(shape, max_slots=16, max_bytes=8 << 30, dtype=base.dtype, device=base.device)
     kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, 4096, base.dtype, base.device)
-    forward = DecoderForward(base, kv, LoraBackend.GROUPED)
+    forward = DecoderForward(base, kv, select_kernels(base.device, base.dtype))
     limits = AdapterLimits(max_rank=128, max_file_bytes=1 << 30)
     names: list[str | None] = [*ADAPTERS, None, None]
     placements = {}

@@ -7,11 +7,12 @@ import torch
 
 from loraplex.server.lora.ops import (
     LoraBackend,
+    LoraKernels,
     apply_dora,
     lora_delta_gather,
     lora_delta_grouped,
     lora_delta_reference,
-    select_backend,
+    select_kernels,
 )
 
 CASES = [
@@ -74,6 +75,24 @@ def test_apply_dora_matches_definition() -> None:
     torch.testing.assert_close(apply_dora(x @ weight.T, delta, None, scale), scale * (x @ weight.T + delta))
 
 
-def test_backend_selection_on_cpu_float32_is_grouped() -> None:
-    assert select_backend(torch.device("cpu"), torch.float32) is LoraBackend.GROUPED
-    assert select_backend(torch.device("cpu"), torch.float32, requested="gather") is LoraBackend.GATHER
+def test_cpu_kernels_are_chosen_by_the_segment_shape() -> None:
+    kernels = select_kernels(torch.device("cpu"), torch.float32)
+    assert kernels.grouped_works
+    assert kernels.choose(rows=32, groups=32) is LoraBackend.GATHER  # decode, one row per adapter
+    assert kernels.choose(rows=32, groups=16) is LoraBackend.GATHER
+    assert kernels.choose(rows=32, groups=4) is LoraBackend.GROUPED  # many rows per adapter
+    assert kernels.choose(rows=512, groups=512) is LoraBackend.GROUPED  # beyond GATHER_MAX_ROWS
+    assert kernels.choose(rows=1, groups=1) is LoraBackend.GATHER
+
+
+def test_forced_and_unavailable_kernels() -> None:
+    forced = select_kernels(torch.device("cpu"), torch.float32, requested="grouped")
+    assert forced.choose(rows=32, groups=32) is LoraBackend.GROUPED
+    assert forced.describe() == "grouped"
+    assert select_kernels(torch.device("cpu"), torch.float32, requested="gather").choose(512, 1) is LoraBackend.GATHER
+    # float64 has no grouped_mm on CPU: auto falls back to gather, a forced grouped is refused with the fix
+    assert select_kernels(torch.device("cpu"), torch.float64).choose(rows=512, groups=1) is LoraBackend.GATHER
+    with pytest.raises(ValueError, match="use auto or gather"):
+        select_kernels(torch.device("cpu"), torch.float64, requested="grouped")
+    assert LoraKernels(grouped_works=False, by_shape=True).choose(rows=512, groups=1) is LoraBackend.GATHER
+    assert LoraKernels(grouped_works=True, by_shape=False).choose(rows=32, groups=32) is LoraBackend.GROUPED
