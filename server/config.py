@@ -111,7 +111,15 @@ class EngineSettings(_Section):
     )
     max_running: int = Field(32, ge=1, description="sequences in the running batch")
     max_batch_tokens: int = Field(512, ge=16, description="tokens (prefill + decode) in one forward pass")
-    kv_cache_tokens: int = Field(32768, ge=256, description="KV cache capacity in tokens, all sequences together")
+    kv_cache_tokens: int = Field(
+        32768, ge=256, description="KV cache capacity in tokens, all sequences together (rounded up to whole blocks)"
+    )
+    kv_block_size: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="tokens per KV-cache block: a sequence holds whole blocks, taken as its tokens are computed",
+    )
     max_seq_len: int = Field(4096, ge=16, description="prompt + new tokens of one request")
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt accepted")
     max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens accepted")
@@ -119,11 +127,6 @@ class EngineSettings(_Section):
     max_stop_length: int = Field(256, ge=1, description="characters per stop string")
     max_stream_backlog: int = Field(1024, ge=1, description="undelivered events before a slow reader is cancelled")
     idle_poll_s: float = Field(0.05, gt=0, description="how long the idle engine loop sleeps between inbox checks")
-    attention: Literal["auto", "per_sequence", "gathered"] = Field(
-        "auto",
-        description="decode attention: per_sequence reads each KV region in place (fastest on CPU); gathered "
-        "batches all decode rows into one call (fewer launches on CUDA); auto picks by device",
-    )
     lora_kernel: Literal["auto", "grouped", "gather"] = Field(
         "auto",
         description="batched LoRA kernel: auto picks per layer call from its shape (gather for decode over distinct "

@@ -1,7 +1,8 @@
 """Turns one step's scheduled chunks into the flat :class:`StepBatch` the forward pass consumes.
 
 Chunks are ordered by (adapter pool, slot), base-model rows last, so each pool's rows are one contiguous range
-sorted by slot (the LoRA mapping), and each sequence's rows stay contiguous (its attention span).
+sorted by slot (the LoRA mapping), and each sequence's rows stay contiguous (its attention span, whose keys the
+:class:`~loraplex.server.model.attention.AttentionPlan` reads from its KV blocks).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.scheduler import ScheduledChunk
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.pool import SlotPool
-from loraplex.server.model.forward import DecodeGather, SequenceSpan, StepBatch
+from loraplex.server.model.attention import SequenceSpan, plan_attention
+from loraplex.server.model.forward import StepBatch
 
 
 @dataclass(frozen=True)
@@ -31,24 +34,7 @@ def _order_key(chunk: ScheduledChunk) -> tuple[int, int, int]:
     return (0, id(adapter.placement.pool), adapter.placement.slot)
 
 
-def _decode_gather(spans: list[SequenceSpan], device: torch.device) -> DecodeGather | None:
-    singles = [span for span in spans if span.length == 1]
-    if not singles:
-        return None
-    width = max(span.context + 1 for span in singles)
-    offsets = torch.arange(width)
-    lengths = torch.tensor([span.context + 1 for span in singles])
-    starts = torch.tensor([span.cache_start for span in singles])
-    valid = offsets[None, :] < lengths[:, None]
-    index = torch.where(valid, starts[:, None] + offsets[None, :], starts[:, None])
-    return DecodeGather(
-        rows=torch.tensor([span.start for span in singles], device=device),
-        index=index.to(device),
-        mask=valid[:, None, None, :].to(device),
-    )
-
-
-def build_step(chunks: list[ScheduledChunk], device: torch.device, gather_decode: bool = False) -> BuiltStep:
+def build_step(chunks: list[ScheduledChunk], kv: KVCache, device: torch.device) -> BuiltStep:
     ordered = sorted(chunks, key=_order_key)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -62,14 +48,13 @@ def build_step(chunks: list[ScheduledChunk], device: torch.device, gather_decode
     lora_rows: list[tuple[SlotPool, int, int]] = []
     for chunk in ordered:
         seq = chunk.seq
-        assert seq.region is not None
         start = len(input_ids)
         first = seq.num_computed
-        ids = seq.all_ids[first : first + chunk.num_tokens]
-        input_ids += ids
-        positions += range(first, first + chunk.num_tokens)
-        cache_index += range(seq.region.start + first, seq.region.start + first + chunk.num_tokens)
-        spans.append(SequenceSpan(start, len(input_ids), seq.region.start, first))
+        stop = first + chunk.num_tokens
+        input_ids += seq.token_ids(first, stop)
+        positions += range(first, stop)
+        cache_index += kv.slots(seq.blocks, first, stop)
+        spans.append(SequenceSpan(start, chunk.num_tokens, first, seq.blocks))
         if chunk.samples:
             sample_rows.append(len(input_ids) - 1)
             sampled.append(chunk)
@@ -89,12 +74,11 @@ def build_step(chunks: list[ScheduledChunk], device: torch.device, gather_decode
         input_ids=tensor(input_ids),
         positions=tensor(positions),
         cache_index=tensor(cache_index),
-        spans=tuple(spans),
+        attention=plan_attention(spans, kv.block_size, device),
         sample_rows=tensor(sample_rows),
         lora=LoraMapping.build(lora_rows, device),
         prompt_rows=tensor(prompt_rows) if prompt_rows else None,
         prompt_owner=tensor(prompt_owner) if prompt_owner else None,
         num_pooled=len(pooled),
-        decode=_decode_gather(spans, device) if gather_decode else None,
     )
     return BuiltStep(batch, tuple(ordered), tuple(sampled), tuple(pooled))

@@ -139,7 +139,13 @@ class Engine:
         eng, ad = settings.engine, settings.adapters
         shape = base.shape
         self.kv = KVCache(
-            shape.num_layers, shape.num_kv_heads, shape.head_dim, eng.kv_cache_tokens, base.dtype, base.device
+            shape.num_layers,
+            shape.num_kv_heads,
+            shape.head_dim,
+            eng.kv_cache_tokens,
+            base.dtype,
+            base.device,
+            eng.kv_block_size,
         )
         self.slots = DeviceSlots(shape, ad.device_slots, ad.device_bytes, base.dtype, base.device)
         self.adapters = AdapterManager(
@@ -154,7 +160,6 @@ class Engine:
             listener=self.listener,
         )
         self.lora_kernels = select_kernels(base.device, base.dtype, eng.lora_kernel)
-        self.gather_decode = eng.attention == "gathered" or (eng.attention == "auto" and base.device.type == "cuda")
         self.forward = DecoderForward(base, self.kv, self.lora_kernels)
         self.scheduler = Scheduler(eng, self.kv, self.adapters)
         self.tokenizer = base.tokenizer
@@ -176,9 +181,10 @@ class Engine:
         self.adapters.add_load_listener(self._wake.set)
         self.steps = 0
         log.info(
-            "engine ready: LoRA kernels %s, KV cache %d tokens (%.0f MiB)",
+            "engine ready: LoRA kernels %s, KV cache %d tokens in blocks of %d (%.0f MiB)",
             self.lora_kernels.describe(),
-            eng.kv_cache_tokens,
+            self.kv.capacity,
+            self.kv.block_size,
             self.kv.nbytes / 2**20,
         )
 
@@ -439,6 +445,8 @@ class Engine:
         self._reap()
         self.adapters.place_pinned()
         chunks, failed = self.scheduler.schedule()
+        for tokens in self.scheduler.preempted_tokens:
+            self.listener.preempted(tokens)
         for seq, error in failed:
             self._fail(seq, error)
         self._running_count = len(self.scheduler.running)
@@ -474,7 +482,7 @@ class Engine:
 
     def _run_step(self, chunks: list[ScheduledChunk]) -> None:
         started = time.perf_counter()
-        built = build_step(chunks, self.base.device, self.gather_decode)
+        built = build_step(chunks, self.kv, self.base.device)
         output = self.forward(built.batch)
         self.steps += 1
         adapters = {id(chunk.seq.adapter) for chunk in chunks if chunk.seq.adapter is not None}
@@ -598,7 +606,8 @@ def describe(engine: Engine) -> dict[str, Any]:
         "dtype": str(base.dtype).removeprefix("torch."),
         "quantization": base.quantization,
         "lora_kernels": engine.lora_kernels.describe(),
-        "decode_attention": "gathered" if engine.gather_decode else "per_sequence",
+        "attention": "paged: one SDPA call per layer (padded or flat layout per step)",
         "kv_cache_tokens": engine.kv.capacity,
+        "kv_block_size": engine.kv.block_size,
         "torch_threads": torch.get_num_threads(),
     }

@@ -26,3 +26,6 @@ class EngineListener:
 
     def adapter_evicted(self, tier: Tier) -> None:
         """An idle adapter left ``tier`` to make room."""
+
+    def preempted(self, tokens: int) -> None:
+        """A running sequence gave its KV blocks back (out of cache); ``tokens`` will be recomputed on resume."""

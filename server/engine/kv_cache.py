@@ -1,79 +1,70 @@
-"""The KV cache: per-layer K/V buffers, each sequence owning one contiguous region of token positions.
+"""The paged KV cache: per-layer K/V buffers cut into fixed-size blocks, and the allocator that shares them out.
 
-Layout per layer: ``k[layer]`` and ``v[layer]`` are ``[num_kv_heads, capacity, head_dim]``. A sequence reserves
-``prompt + max_new_tokens`` positions when it is admitted, so it can never run out of cache mid-generation, and its
-keys are a *view* ``k[layer][:, start:start + length]``: attention reads them in place, with no gather (on CPU a
-gather of paged blocks cost more than the attention itself). The capacity is ``engine.kv_cache_tokens``; when no
-region fits, the scheduler keeps the request waiting (and compacts if fragmentation is the only obstacle).
+Layout per layer: ``k[layer]`` and ``v[layer]`` are flat ``[num_blocks * block_size, kv_heads, head_dim]``
+(token-major). Block ``b`` holds slots ``b * block_size .. (b + 1) * block_size - 1``; a sequence owns a *block
+table* (a list of block ids, :attr:`Sequence.blocks <loraplex.server.engine.sequence.Sequence.blocks>`), so its
+token at position ``p`` lives in slot ``blocks[p // block_size] * block_size + p % block_size``. Writes of a step's
+new tokens stay one ``index_copy_`` per layer; attention (:mod:`loraplex.server.model.attention`) gathers the
+step's slots with one ``index_select`` per layer, each slot a whole ``kv_heads * head_dim`` row.
+
+A sequence takes blocks as its tokens are computed (the scheduler grows its table before each step), never for
+``max_new_tokens`` up front, and gives them all back when it finishes or is preempted: there is no fragmentation,
+no compaction and no copy. The capacity is ``engine.kv_cache_tokens`` rounded up to whole blocks of
+``engine.kv_block_size``.
 """
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 
 
-@dataclass(frozen=True)
-class Region:
-    start: int
-    length: int
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold ``tokens`` positions."""
+    return -(-tokens // block_size)
+
+
+class BlockAllocator:
+    """O(1) free list of block ids ``0 .. num_blocks - 1``; refuses double frees and foreign ids."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError("a KV cache needs at least one block")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
+        self._in_use = bytearray(num_blocks)
 
     @property
-    def end(self) -> int:
-        return self.start + self.length
-
-
-class RegionAllocator:
-    """First-fit allocator of contiguous ranges in ``[0, capacity)``, merging neighbours on free."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._free: list[Region] = [Region(0, capacity)]  # sorted by start, never adjacent
-        self.used = 0
-
-    def allocate(self, length: int) -> Region | None:
-        for index, hole in enumerate(self._free):
-            if hole.length >= length:
-                if hole.length == length:
-                    del self._free[index]
-                else:
-                    self._free[index] = Region(hole.start + length, hole.length - length)
-                self.used += length
-                return Region(hole.start, length)
-        return None
-
-    def free(self, region: Region) -> None:
-        starts = [hole.start for hole in self._free]
-        index = bisect.bisect_left(starts, region.start)
-        merged = region
-        if index < len(self._free) and self._free[index].start == merged.end:
-            merged = Region(merged.start, merged.length + self._free[index].length)
-            del self._free[index]
-        if index > 0 and self._free[index - 1].end == merged.start:
-            merged = Region(self._free[index - 1].start, self._free[index - 1].length + merged.length)
-            index -= 1
-            del self._free[index]
-        self._free.insert(index, merged)
-        self.used -= region.length
+    def num_free(self) -> int:
+        return len(self._free)
 
     @property
-    def free_tokens(self) -> int:
-        return self.capacity - self.used
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
 
-    @property
-    def largest_free(self) -> int:
-        return max((hole.length for hole in self._free), default=0)
+    def allocate(self, count: int) -> list[int] | None:
+        """``count`` blocks, or None (and nothing taken) when fewer are free."""
+        if count > len(self._free):
+            return None
+        if count <= 0:
+            return []
+        taken = self._free[-count:]
+        del self._free[-count:]
+        for block in taken:
+            self._in_use[block] = 1
+        return taken
 
-    def reset_packed(self, used: int) -> None:
-        """After compaction: everything below ``used`` is taken, the rest is one hole."""
-        self.used = used
-        self._free = [Region(used, self.capacity - used)] if used < self.capacity else []
+    def free(self, blocks: Iterable[int]) -> None:
+        for block in blocks:
+            if not 0 <= block < self.num_blocks or not self._in_use[block]:
+                raise ValueError(f"block {block} is not allocated")
+            self._in_use[block] = 0
+            self._free.append(block)
 
 
 class KVCache:
-    """K and V buffers of every layer plus the region allocator that shares them out."""
+    """K and V buffers of every layer plus the block allocator that shares them out."""
 
     def __init__(
         self,
@@ -83,48 +74,47 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype,
         device: torch.device,
+        block_size: int = 16,
     ) -> None:
-        shape = (num_kv_heads, capacity, head_dim)
+        if block_size < 1:
+            raise ValueError("block_size must be at least 1")
+        self.block_size = block_size
+        self.allocator = BlockAllocator(blocks_for(capacity, block_size))
+        shape = (self.allocator.num_blocks * block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.allocator = RegionAllocator(capacity)
 
     @property
     def capacity(self) -> int:
-        return self.allocator.capacity
+        """Token positions in the cache (whole blocks)."""
+        return self.allocator.num_blocks * self.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
 
     @property
     def usage(self) -> float:
-        return self.allocator.used / self.allocator.capacity
+        """Blocks in use / all blocks."""
+        return self.allocator.num_used / self.allocator.num_blocks
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
 
+    def blocks_for(self, tokens: int) -> int:
+        return blocks_for(tokens, self.block_size)
+
+    def slots(self, blocks: list[int], start: int, stop: int) -> list[int]:
+        """Cache slots of positions ``start .. stop - 1`` of a sequence with block table ``blocks``."""
+        size = self.block_size
+        return [blocks[p // size] * size + p % size for p in range(start, stop)]
+
     def write(self, layer: int, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Stores new tokens: ``index [T]`` cache positions, ``keys/values [T, kv_heads, head_dim]``."""
-        self.k[layer].index_copy_(1, index, keys.transpose(0, 1))
-        self.v[layer].index_copy_(1, index, values.transpose(0, 1))
+        """Stores new tokens: ``index [T]`` cache slots, ``keys/values [T, kv_heads, head_dim]``."""
+        self.k[layer].index_copy_(0, index, keys)
+        self.v[layer].index_copy_(0, index, values)
 
-    def view(self, layer: int, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[1, kv_heads, length, head_dim]`` views of a region's first ``length`` positions."""
-        end = start + length
-        return self.k[layer][None, :, start:end], self.v[layer][None, :, start:end]
-
-    def compact(self, regions: list[Region]) -> list[Region]:
-        """Moves the live ``regions`` to the front, in order of their starts; returns their new places."""
-        moved: list[Region] = []
-        cursor = 0
-        for region in sorted(regions, key=lambda r: r.start):
-            if region.start != cursor:
-                for buffers in (self.k, self.v):
-                    for buffer in buffers:
-                        buffer[:, cursor : cursor + region.length] = buffer[:, region.start : region.end].clone()
-            moved.append(Region(cursor, region.length))
-            cursor += region.length
-        self.allocator.reset_packed(cursor)
-        order = sorted(range(len(regions)), key=lambda i: regions[i].start)
-        result: list[Region] = [Region(0, 0)] * len(regions)
-        for new, original_index in zip(moved, order, strict=True):
-            result[original_index] = new
-        return result
+    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, kv_heads, head_dim]`` copies of the keys and values at slots ``index [N]``."""
+        return self.k[layer].index_select(0, index), self.v[layer].index_select(0, index)

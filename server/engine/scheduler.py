@@ -1,17 +1,25 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Continuous batching: which sequences run in the next step, and how many tokens each, on the paged KV cache.
 
-Every step: all running sequences that finished their prompt decode one token; running sequences still in their
-prompt continue with a chunk; then waiting sequences are admitted in arrival order while the running limit, the
-token budget (``engine.max_batch_tokens``) and the KV cache allow. A sequence joins at a step boundary and leaves
-the moment it finishes, so a short request never waits for a long one.
+Every step, in this order:
 
-Admission needs three things: the adapter in memory (a sequence whose adapter is still loading is skipped, not
-waited for), a device slot for it (idle adapters are evicted), and a KV region of ``prompt + max_new_tokens``.
-Adapters are looked up (read from disk if need be) only for the next ``max_running`` waiting sequences, not when a
-request arrives: a deep queue of requests for distinct adapters would otherwise read them all at once and evict
-each other's from the host cache before they run. When
-the KV cache is the obstacle, admission stops there (first come, first served); when only fragmentation is, the
-cache is compacted first.
+1. **Decode**: every running sequence past its prompt decodes one token, oldest first. One whose next token needs a
+   new KV block takes one; when none is free, the *newest* running sequence is preempted (its blocks go back, it
+   returns to the front of the queue and recomputes prompt + output when it resumes, emitting no token twice)
+   until the block is there. A sequence that is itself the newest is the one preempted.
+2. **Prefill**: running sequences with tokens still to compute (a prompt, or a resumed sequence's recomputation)
+   take a chunk within the token budget (``engine.max_batch_tokens``), as large as the free blocks allow. This
+   pass never preempts, except when nothing else could run this step (then the newest sequences make room, so the
+   oldest always progresses: a lone sequence always fits, see ``EngineSettings``).
+3. **Admission**: waiting sequences, in arrival order (preempted ones first), join while the running limit, the
+   token budget and the KV blocks allow: a newcomer needs blocks for its first chunk and leaves a small reserve
+   (``1%`` of the blocks) for the running sequences' next tokens, so admitting does not force a preemption on the
+   next step. It needs its adapter in memory and on the device too (a sequence whose adapter is still loading is
+   skipped, not waited for). Adapters are looked up (read from disk if need be) only for the next ``max_running``
+   waiting sequences, not when a request arrives: a deep queue of requests for distinct adapters would otherwise
+   read them all at once and evict each other's from the host cache before they run.
+
+A sequence joins at a step boundary and leaves the moment it finishes, so a short request never waits for a long
+one. A preempted sequence keeps its adapter reference (and so its device slot): it resumes without a new lookup.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ class Scheduler:
         self.kv = kv
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+        self.preempted_tokens: list[int] = []  # computed tokens each preemption of the last schedule() gave back
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,7 +65,7 @@ class Scheduler:
         AdapterNotFound if the adapter was unloaded meanwhile."""
         if seq.adapter is None and seq.adapter_future is not None and seq.adapter_future.done():
             seq.adapter = seq.adapter_future.result()
-        if seq.adapter is not None and seq.adapter.retired is Retired.UNLOADED:
+        if seq.adapter is not None and not seq.adapter_acquired and seq.adapter.retired is Retired.UNLOADED:
             raise AdapterNotFound(f"adapter '{seq.adapter.adapter_id}' was unloaded while the request waited")
         return seq.adapter
 
@@ -71,8 +80,8 @@ class Scheduler:
 
     def _adapter_ready(self, seq: Sequence) -> bool:
         """Whether the sequence's adapter is on the device (placing it if possible); raises when it cannot be."""
-        if not seq.request.adapter_id:
-            return True
+        if not seq.request.adapter_id or seq.adapter_acquired:
+            return True  # the base model, or a preempted sequence that kept its adapter (and its slot)
         if seq.adapter_future is None:
             return False  # its lookup starts once it is among the next waiting sequences
         version = self.resolve_adapter(seq)
@@ -85,38 +94,86 @@ class Scheduler:
             return False
         return self.adapters.make_resident(version)
 
-    def _allocate_region(self, length: int) -> bool:
-        allocator = self.kv.allocator
-        if allocator.largest_free >= length:
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        """Gives ``seq`` the blocks its next ``tokens`` need; False (nothing taken) when too few are free."""
+        missing = self.kv.blocks_for(seq.num_computed + tokens) - len(seq.blocks)
+        if missing <= 0:
             return True
-        if allocator.free_tokens < length:
+        blocks = self.kv.allocator.allocate(missing)
+        if blocks is None:
             return False
-        moved = self.kv.compact([seq.region for seq in self.running if seq.region is not None])
-        holders = [seq for seq in self.running if seq.region is not None]
-        for seq, region in zip(holders, moved, strict=True):
-            seq.region = region
-        return allocator.largest_free >= length
+        seq.blocks += blocks
+        return True
+
+    def _free_tokens(self, seq: Sequence) -> int:
+        """Tokens ``seq`` could compute next with its own blocks and all free ones."""
+        return (len(seq.blocks) + self.kv.allocator.num_free) * self.kv.block_size - seq.num_computed
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Takes back a running sequence's blocks; it waits at the front of the queue to recompute."""
+        self.running.remove(seq)
+        self.kv.allocator.free(seq.blocks)
+        self.preempted_tokens.append(seq.num_computed)
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.prompt_hidden_sum = None
+        seq.preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def _make_room(self, seq: Sequence, tokens: int) -> bool:
+        """Preempts the newest running sequences until ``seq`` has blocks for ``tokens``; False when ``seq`` was
+        the newest and was preempted itself."""
+        while not self._grow(seq, tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _decode(self, chunks: list[ScheduledChunk]) -> None:
+        for seq in list(self.running):  # oldest first; preemption only ever takes newer ones (or seq itself)
+            if seq.status is Status.RUNNING and not seq.prefilling and self._make_room(seq, 1):
+                chunks.append(ScheduledChunk(seq, 1))
+
+    def _prefill(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not Status.RUNNING or not seq.prefilling:
+                continue
+            take = min(seq.pending, budget, self._free_tokens(seq))
+            if take <= 0 and not chunks:  # nothing else runs this step: newer sequences make room
+                take = min(seq.pending, budget, self.kv.block_size)
+                if not self._make_room(seq, take):
+                    break
+            if take <= 0 or not self._grow(seq, take):
+                continue
+            chunks.append(ScheduledChunk(seq, take))
+            budget -= take
+        return budget
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Tokens of ``seq``'s first chunk if its blocks can be taken now (they are), else 0."""
+        take = min(seq.pending, budget)
+        reserve = max(1, self.kv.num_blocks // 100) if self.running else 0
+        if self.kv.blocks_for(take) + reserve > self.kv.allocator.num_free or not self._grow(seq, take):
+            return 0
+        return take
 
     def schedule(self) -> tuple[list[ScheduledChunk], list[tuple[Sequence, EngineError]]]:
         """The next step's chunks, and waiting sequences that failed (their adapter cannot be served); those stay
         in ``waiting`` until the engine fails them through ``remove``."""
-        budget = self.settings.max_batch_tokens
         chunks: list[ScheduledChunk] = []
-        for seq in self.running:
-            if not seq.prefilling:
-                chunks.append(ScheduledChunk(seq, 1))
-                budget -= 1
-        for seq in self.running:
-            if seq.prefilling and budget > 0:
-                take = min(len(seq.prompt_ids) - seq.num_computed, budget)
-                chunks.append(ScheduledChunk(seq, take))
-                budget -= take
+        self.preempted_tokens = []
+        self._decode(chunks)
+        budget = self._prefill(chunks, self.settings.max_batch_tokens - len(chunks))
         failed: list[tuple[Sequence, EngineError]] = []
         self._start_lookups(failed)
         now = time.monotonic()
         for seq in list(self.waiting):
-            if len(self.running) >= self.settings.max_running or budget <= 0:
-                break
+            if len(self.running) >= self.settings.max_running or budget <= 0 or self.preempted_tokens:
+                break  # (after a preemption, admitting would only hand the freed blocks back and forth)
             try:
                 ready = self._adapter_ready(seq)
             except EngineError as error:
@@ -124,16 +181,17 @@ class Scheduler:
                 continue
             if not ready:
                 continue
-            if not self._allocate_region(seq.reserved_len):
+            take = self._admit(seq, budget)
+            if not take:
                 break
-            seq.region = self.kv.allocator.allocate(seq.reserved_len)
-            if seq.adapter is not None:
+            if seq.adapter is not None and not seq.adapter_acquired:
                 self.adapters.acquire(seq.adapter)
+                seq.adapter_acquired = True
             seq.status = Status.RUNNING
-            seq.scheduled_at = now
+            if seq.scheduled_at is None:
+                seq.scheduled_at = now
             self.waiting.remove(seq)
             self.running.append(seq)
-            take = min(len(seq.prompt_ids), budget)
             chunks.append(ScheduledChunk(seq, take))
             budget -= take
         return chunks, failed
@@ -142,13 +200,14 @@ class Scheduler:
         """Takes a sequence out (finished, failed or cancelled) and frees what it holds."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            if seq.region is not None:
-                self.kv.allocator.free(seq.region)
-                seq.region = None
-            if seq.adapter is not None:
-                self.adapters.release(seq.adapter, served)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        if seq.blocks:
+            self.kv.allocator.free(seq.blocks)
+            seq.blocks = []
+        if seq.adapter is not None and seq.adapter_acquired:
+            self.adapters.release(seq.adapter, served)
+            seq.adapter_acquired = False
         seq.status = Status.FINISHED
 
     def __len__(self) -> int:

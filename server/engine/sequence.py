@@ -1,8 +1,12 @@
 """One request's state inside the engine, from submission to its last event.
 
-Lifecycle: ``WAITING`` (queued; its adapter may still be loading) → ``RUNNING`` (holds a KV region and an adapter
-reference; prefill chunks, then one token per step) → ``FINISHED``. Only the engine thread mutates a sequence,
-except :meth:`cancel`, which any thread may call (the engine frees the sequence at its next step).
+Lifecycle: ``WAITING`` (queued; its adapter may still be loading) → ``RUNNING`` (holds KV blocks, its block table
+growing with its tokens, and an adapter reference; prefill chunks, then one token per step) → ``FINISHED``. When
+the KV cache runs out, the scheduler *preempts* the newest running sequences: back to ``WAITING`` at the front of
+the queue, blocks freed and ``num_computed`` reset to 0, but keeping its output so far and its adapter reference;
+on resumption it recomputes prompt + output (a prefill) and continues, emitting no token twice. Only the engine
+thread mutates a sequence, except :meth:`cancel`, which any thread may call (the engine frees the sequence at its
+next step).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from typing import Protocol
 
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.server.engine.errors import EngineError
-from loraplex.server.engine.kv_cache import Region
 from loraplex.server.engine.sampler import SamplerState
 from loraplex.server.engine.types import GenerationEvent, GenerationRequest, Timings
 from loraplex.server.lora.cache import AdapterVersion
@@ -49,7 +52,9 @@ class Sequence:
     submitted_at: float  # time.monotonic() when submit() was called
     status: Status = Status.WAITING
     adapter: AdapterVersion | None = None
-    region: Region | None = None
+    blocks: list[int] = field(default_factory=list)  # block table: the KV blocks holding its positions, in order
+    adapter_acquired: bool = False  # holds a reference on ``adapter`` (from admission until it leaves)
+    preemptions: int = 0  # times its KV blocks were taken back
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     logprob_sum: float = 0.0
@@ -62,22 +67,28 @@ class Sequence:
     def request_id(self) -> str:
         return self.request.request_id
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens ``start .. stop - 1`` of prompt + output, without concatenating the two."""
+        prompt = len(self.prompt_ids)
+        if stop <= prompt:
+            return self.prompt_ids[start:stop]
+        if start >= prompt:
+            return self.output_ids[start - prompt : stop - prompt]
+        return self.prompt_ids[start:] + self.output_ids[: stop - prompt]
 
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def reserved_len(self) -> int:
-        """KV positions reserved at admission: the prompt plus every token it may generate."""
-        return len(self.prompt_ids) + self.request.sampling.max_new_tokens
+    def pending(self) -> int:
+        """Tokens not in the cache yet: the prompt (or, after a preemption, prompt + output) or the last token."""
+        return self.total_len - self.num_computed
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """More than one token to compute: a prompt, or a preempted sequence's recomputation."""
+        return self.pending > 1
 
     def cancel(self, reason: EngineError) -> None:
         if self.cancel_reason is None:

@@ -2,7 +2,7 @@
 
 One engine step is one call: prefill chunks and decode tokens of every scheduled sequence are concatenated into
 ``T`` rows (ordered by adapter pool and slot, see :mod:`loraplex.server.lora.mapping`). Every targeted linear is a
-:class:`LoraLinear`; attention runs per sequence on in-place views of its KV-cache region. The HF model supplies
+:class:`LoraLinear`; attention is one call per layer over the paged KV cache (:mod:`.attention`). The HF model supplies
 the weights and small modules (norms, rotary embedding, activation); the loop itself is ours, gpt-fast style, so
 continuous batching needs no padding and no cache re-layout.
 """
@@ -12,51 +12,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.lora.layers import LoraLinear
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import LoraKernels
+from loraplex.server.model.attention import AttentionPlan, attend
 from loraplex.server.model.loader import LoadedBase
 from loraplex.server.model.shape import ATTENTION_MODULES, MLP_MODULES
-
-
-@dataclass(frozen=True)
-class SequenceSpan:
-    """One sequence's rows in this step and its KV-cache region."""
-
-    start: int  # first row in the batch
-    end: int  # one past its last row
-    cache_start: int  # start of its KV region
-    context: int  # tokens already in the cache before this step
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-
-@dataclass(frozen=True)
-class DecodeGather:
-    """Single-token rows attended in one batched call (the CUDA path): their cache positions, padded."""
-
-    rows: torch.Tensor  # [D] long: batch rows of one-token spans
-    index: torch.Tensor  # [D, L] long: cache positions of each row's context (padded with its first position)
-    mask: torch.Tensor  # [D, 1, 1, L] bool: which of the L positions are real
 
 
 @dataclass(frozen=True)
 class StepBatch:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long: position of each row in its sequence
-    cache_index: torch.Tensor  # [T] long: KV-cache position each row's K/V is written to
-    spans: tuple[SequenceSpan, ...]
+    cache_index: torch.Tensor  # [T] long: KV-cache slot each row's K/V is written to
+    attention: AttentionPlan
     sample_rows: torch.Tensor  # [S] long: rows whose next-token logits are wanted
     lora: LoraMapping
     prompt_rows: torch.Tensor | None = None  # [P] long: prompt rows to pool for prompt embeddings
     prompt_owner: torch.Tensor | None = None  # [P] long: index into the pooled sums, per prompt row
     num_pooled: int = 0
-    decode: DecodeGather | None = None  # set when one-token spans are attended together
 
 
 @dataclass(frozen=True)
@@ -93,32 +69,6 @@ class DecoderForward:
             wrapped |= {m: LoraLinear(getattr(layer.mlp, m), index, m, kernels) for m in MLP_MODULES}
             self.linears.append(wrapped)
 
-    def _attention(self, layer: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        out = torch.empty_like(q)
-        gathered = batch.decode
-        if gathered is not None:
-            keys = self.kv.k[layer][:, gathered.index].transpose(0, 1)  # [D, kv_heads, L, head_dim]
-            values = self.kv.v[layer][:, gathered.index].transpose(0, 1)
-            query = q.index_select(0, gathered.rows).unsqueeze(2)  # [D, heads, 1, head_dim]
-            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=gathered.mask, enable_gqa=True)
-            out[gathered.rows] = attended.squeeze(2)
-        for span in batch.spans:
-            if gathered is not None and span.length == 1:
-                continue
-            rows = slice(span.start, span.end)
-            query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
-            keys, values = self.kv.view(layer, span.cache_start, span.context + span.length)
-            if span.length == 1:
-                attended = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
-            elif span.context == 0:
-                attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
-            else:
-                positions = torch.arange(span.context + span.length, device=q.device)
-                allowed = positions[None, :] <= (positions[span.context :, None])
-                attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, enable_gqa=True)
-            out[rows] = attended[0].transpose(0, 1)
-        return out
-
     @torch.inference_mode()
     def __call__(self, batch: StepBatch) -> StepOutput:
         rows = batch.input_ids.shape[0]
@@ -135,7 +85,8 @@ class DecoderForward:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             self.kv.write(index, batch.cache_index, k, v)
-            attended = self._attention(index, q, batch).reshape(rows, self.num_heads * self.head_dim)
+            attended = attend(q, self.kv.k[index], self.kv.v[index], batch.attention)
+            attended = attended.reshape(rows, self.num_heads * self.head_dim)
             hidden = hidden + linear["o_proj"](attended, mapping)
             x = layer.post_attention_layernorm(hidden)
             gated = layer.mlp.act_fn(linear["gate_proj"](x, mapping)) * linear["up_proj"](x, mapping)

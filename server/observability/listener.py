@@ -26,3 +26,7 @@ class MetricsListener(EngineListener):
 
     def adapter_evicted(self, tier: Tier) -> None:
         self._metrics.adapter_evictions.labels(tier).inc()
+
+    def preempted(self, tokens: int) -> None:
+        self._metrics.preemptions.inc()
+        self._metrics.recomputed_tokens.inc(tokens)

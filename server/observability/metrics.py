@@ -96,6 +96,14 @@ class Metrics:
         self.adapter_evictions = Counter(
             "loraplex_adapter_evictions_total", "Idle adapters evicted from a tier", ("tier",), registry=registry
         )
+        self.preemptions = Counter(
+            "loraplex_preemptions_total", "Running sequences preempted when the KV cache ran out", registry=registry
+        )
+        self.recomputed_tokens = Counter(
+            "loraplex_preempted_tokens_total",
+            "Tokens whose KV blocks were taken back by preemption (recomputed on resume)",
+            registry=registry,
+        )
         self.adapter_cache_requests = Counter(
             "loraplex_adapter_cache_requests_total",
             "Adapter look-ups per tier (result: hit or miss)",

@@ -13,6 +13,7 @@ import pytest
 from loraplex.server.config import load_settings
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.errors import EngineError
+from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.types import Finished, GenerationRequest, TokenDelta
 from loraplex.server.model.loader import LoadedBase
 
@@ -28,11 +29,13 @@ class Outcome:
     finished_at: float
 
 
-def make_engine(base: LoadedBase, roots: Sequence[Path], **sections: dict[str, Any]) -> Engine:
+def make_engine(
+    base: LoadedBase, roots: Sequence[Path], listener: EngineListener | None = None, **sections: dict[str, Any]
+) -> Engine:
     overrides: dict[str, Any] = {"adapters": {"roots": [str(r) for r in roots]}}
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
-    engine = Engine(base, load_settings(environ={}, overrides=overrides))
+    engine = Engine(base, load_settings(environ={}, overrides=overrides), listener)
     engine.start()
     return engine
 
@@ -41,8 +44,8 @@ def make_engine(base: LoadedBase, roots: Sequence[Path], **sections: dict[str, A
 def engine_factory(base: LoadedBase) -> Iterator[Any]:
     engines: list[Engine] = []
 
-    def factory(roots: Sequence[Path], **sections: dict[str, Any]) -> Engine:
-        engine = make_engine(base, roots, **sections)
+    def factory(roots: Sequence[Path], listener: EngineListener | None = None, **sections: dict[str, Any]) -> Engine:
+        engine = make_engine(base, roots, listener, **sections)
         engines.append(engine)
         return engine
 

@@ -162,7 +162,31 @@ def test_cancel_and_deadline_free_the_sequence(engine_factory: Any, root: Path) 
         assert isinstance(outcome.error, DeadlineExceeded)
         assert 0 < len(outcome.token_ids) < 500
         await wait_until(lambda: engine.stats().running == 0, timeout=2)
-        assert engine.kv.allocator.used == 0
+        assert engine.kv.allocator.num_used == 0
+
+    asyncio.run(main())
+
+
+def test_kv_blocks_follow_tokens_not_max_new_tokens(engine_factory: Any, root: Path) -> None:
+    """With a 4,096-token cache, requests allowed 512 new tokens each all run at once: a sequence holds blocks
+    for the tokens it has, not for its ``max_new_tokens`` (a reservation would have fit 7), and the usage metric
+    counts the blocks in use."""
+    engine: Engine = engine_factory([root], engine={"kv_cache_tokens": 4096, "max_running": 40, "max_seq_len": 4096})
+
+    async def main() -> None:
+        requests = [req(f"Item {i}.", max_new_tokens=512, ignore_eos=True) for i in range(40)]
+        tasks = [asyncio.create_task(collect(engine, r)) for r in requests]
+        await wait_until(lambda: engine.stats().running == 40, timeout=60)
+        prompt = len(engine.tokenize(messages=requests[0].messages))
+        assert 4096 // (prompt + 512) < 8
+        low, high = (40 * engine.kv.blocks_for(n) for n in (prompt, prompt + 64))  # a few steps in: < 64 tokens
+        assert low <= engine.kv.allocator.num_used <= high
+        assert low / engine.kv.num_blocks <= engine.stats().kv_cache_usage <= high / engine.kv.num_blocks
+        for r in requests:
+            engine.cancel(r.request_id)
+        outcomes = await asyncio.gather(*tasks)
+        assert all(isinstance(o.error, Cancelled) for o in outcomes)
+        await wait_until(lambda: engine.kv.allocator.num_used == 0)
 
     asyncio.run(main())
 
@@ -195,7 +219,7 @@ def test_small_kv_cache_queues_instead_of_failing(engine_factory: Any, root: Pat
     engine: Engine = engine_factory([root], engine={"kv_cache_tokens": 300, "max_seq_len": 120})
     outcomes = run_all(engine, [req(f"Item {i}.", max_new_tokens=40, ignore_eos=True) for i in range(6)])
     assert all(o.error is None and o.finished.usage.completion_tokens == 40 for o in outcomes)  # type: ignore[union-attr]
-    assert engine.kv.allocator.used == 0
+    assert engine.kv.allocator.num_used == 0
 
 
 def test_stop_strings_seeds_and_chat(engine_factory: Any, root: Path) -> None:
@@ -277,23 +301,6 @@ def test_cancel_reason_reaches_the_caller(engine_factory: Any, root: Path) -> No
         await blocker
 
     asyncio.run(main())
-
-
-def test_gathered_decode_attention_matches_per_sequence(engine_factory: Any, root: Path) -> None:
-    """The CUDA decode path (one batched attention call over gathered KV) computes what the CPU path does."""
-    requests = [
-        req(f"Tell me about {topic}.", adapter=f"a{i % 3}", max_new_tokens=10, logprobs=True)
-        for i, topic in enumerate(["rivers", "stars", "bread", "music", "glass"])
-    ]
-    per_sequence = run_all(engine_factory([root], engine={"attention": "per_sequence"}), requests)
-    gathered_engine: Engine = engine_factory([root], engine={"attention": "gathered"})
-    assert gathered_engine.gather_decode
-    gathered = run_all(
-        gathered_engine, [GenerationRequest(**{**r.__dict__, "request_id": r.request_id + "g"}) for r in requests]
-    )
-    for a, b in zip(per_sequence, gathered, strict=True):
-        assert a.token_ids == b.token_ids
-        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
 
 
 class RecordingListener(EngineListener):

@@ -15,16 +15,19 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.types import ChatMessage
 from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import select_kernels
 from loraplex.server.lora.pool import DeviceSlots
+from loraplex.server.model.attention import SequenceSpan, plan_attention
 from loraplex.server.model.dora import dora_scales_for
-from loraplex.server.model.forward import DecoderForward, SequenceSpan, StepBatch
+from loraplex.server.model.forward import DecoderForward, StepBatch
 from loraplex.server.model.loader import LoadedBase
-from tests.integration.engine.conftest import run_all
+from tests.integration.engine.conftest import Outcome, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
 from tests.support.peft_oracle import oracle_requests, peft_generate, peft_logits
 
@@ -112,12 +115,12 @@ def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: P
     ids, positions, cache_index, spans, last, lora_rows = [], [], [], [], [], []
     for name, prompt in rows:
         prompt_ids = base.tokenizer(prompt)["input_ids"]
-        region = kv.allocator.allocate(len(prompt_ids))
-        assert region is not None
-        spans.append(SequenceSpan(len(ids), len(ids) + len(prompt_ids), region.start, 0))
+        blocks = kv.allocator.allocate(kv.blocks_for(len(prompt_ids)))
+        assert blocks is not None
+        spans.append(SequenceSpan(len(ids), len(prompt_ids), 0, blocks))
         ids += prompt_ids
         positions += range(len(prompt_ids))
-        cache_index += range(region.start, region.end)
+        cache_index += kv.slots(blocks, 0, len(prompt_ids))
         last.append(len(ids) - 1)
         if name is not None:
             lora_rows.append((placements[name].pool, placements[name].slot, len(prompt_ids)))
@@ -125,7 +128,7 @@ def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: P
         torch.tensor(ids),
         torch.tensor(positions),
         torch.tensor(cache_index),
-        tuple(spans),
+        plan_attention(spans, kv.block_size, base.device),
         torch.tensor(last),
         LoraMapping.build(lora_rows, base.device),
     )
@@ -137,17 +140,18 @@ def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: P
         assert diff <= 1e-3, f"{name}: max |logit diff| {diff}"
 
 
-def test_engine_mixed_batch_generates_peft_tokens(
-    engine_factory, base: LoadedBase, adapter_root: Path, peft_model: Any
-) -> None:
-    engine = engine_factory([adapter_root], engine={"max_running": 16, "max_batch_tokens": 2048})
+class PreemptionCounter(EngineListener):
+    def __init__(self) -> None:
+        self.preemptions = 0
+        self.recomputed = 0
+
+    def preempted(self, tokens: int) -> None:
+        self.preemptions += 1
+        self.recomputed += tokens
+
+
+def _assert_peft_answers(engine: Engine, base: LoadedBase, peft_model: Any, outcomes: list[Outcome]) -> None:
     names: list[str | None] = [*ADAPTERS, None, None]
-    for name in ADAPTERS:  # adapters resident first, so every request joins the very first step
-        engine.load_adapter(name).result()
-    requests = oracle_requests(names, PROMPTS, MAX_NEW)
-    steps_before = engine.steps
-    outcomes = run_all(engine, requests)
-    assert engine.steps - steps_before <= MAX_NEW + 2, "requests did not share batches"
     for name, prompt, outcome in zip(names, PROMPTS, outcomes, strict=True):
         assert outcome.error is None, outcome.error
         prompt_ids = engine.tokenize(messages=(ChatMessage("user", prompt),))
@@ -158,3 +162,52 @@ def test_engine_mixed_batch_generates_peft_tokens(
         assert outcome.finished.adapter_version == (1 if name else 0)
         assert outcome.finished.usage.completion_tokens == len(want_tokens)
         assert outcome.text == base.tokenizer.decode(want_tokens, skip_special_tokens=True)
+
+
+def _run_oracle_requests(engine: Engine) -> list[Outcome]:
+    for name in ADAPTERS:  # adapters resident first, so every request can join the very first step
+        engine.load_adapter(name).result()
+    return run_all(engine, oracle_requests([*ADAPTERS, None, None], PROMPTS, MAX_NEW))
+
+
+def test_engine_mixed_batch_generates_peft_tokens(
+    engine_factory: Any, base: LoadedBase, adapter_root: Path, peft_model: Any
+) -> None:
+    engine = engine_factory([adapter_root], engine={"max_running": 16, "max_batch_tokens": 2048})
+    steps_before = engine.steps
+    outcomes = _run_oracle_requests(engine)
+    assert engine.steps - steps_before <= MAX_NEW + 2, "requests did not share batches"
+    _assert_peft_answers(engine, base, peft_model, outcomes)
+
+
+def test_chunked_prefill_generates_peft_tokens(
+    engine_factory: Any, base: LoadedBase, adapter_root: Path, peft_model: Any
+) -> None:
+    """Every prompt is longer than the step's token budget, so each is prefilled over several steps (chunks that
+    attend to the chunks before them in the cache), mixed with other sequences' decode rows."""
+    engine = engine_factory([adapter_root], engine={"max_running": 16, "max_batch_tokens": 16})
+    shortest = min(len(engine.tokenize(messages=(ChatMessage("user", p),))) for p in PROMPTS)
+    assert shortest > 16
+    outcomes = _run_oracle_requests(engine)
+    _assert_peft_answers(engine, base, peft_model, outcomes)
+
+
+def test_preemption_and_block_reuse_keep_peft_tokens(
+    engine_factory: Any, base: LoadedBase, adapter_root: Path, peft_model: Any
+) -> None:
+    """A KV cache far too small for all eleven sequences at once: blocks run out mid-generation, the newest
+    sequences are preempted and recomputed on resume, and freed blocks go to other sequences; every answer
+    still equals PEFT's, token for token, and no token is emitted twice."""
+    counter = PreemptionCounter()
+    engine = engine_factory(
+        [adapter_root],
+        counter,
+        engine={"max_running": 16, "kv_cache_tokens": 256, "kv_block_size": 4, "max_seq_len": 256},
+    )
+    assert engine.kv.num_blocks == 64
+    lengths = [len(engine.tokenize(messages=(ChatMessage("user", p),))) + MAX_NEW for p in PROMPTS]
+    assert sum(engine.kv.blocks_for(n) for n in lengths) > 2 * engine.kv.num_blocks  # blocks must be reused
+    outcomes = _run_oracle_requests(engine)
+    assert counter.preemptions > 0 and counter.recomputed > 0
+    _assert_peft_answers(engine, base, peft_model, outcomes)
+    assert engine.kv.allocator.num_free == engine.kv.num_blocks  # every block came back

@@ -1,60 +1,81 @@
-"""KV cache regions: first-fit allocation, merging frees, compaction that keeps every sequence's data."""
+"""The paged KV cache: block allocation and freeing, slot arithmetic, writes and gathers through block tables."""
 
 from __future__ import annotations
 
-import itertools
 import random
 
+import pytest
 import torch
 
-from loraplex.server.engine.kv_cache import KVCache, Region, RegionAllocator
+from loraplex.server.engine.kv_cache import BlockAllocator, KVCache, blocks_for
 
 
-def test_allocate_free_merge_roundtrip() -> None:
-    allocator = RegionAllocator(100)
-    a, b, c = allocator.allocate(30), allocator.allocate(30), allocator.allocate(30)
-    assert (a, b, c) == (Region(0, 30), Region(30, 30), Region(60, 30))
-    assert allocator.allocate(20) is None
-    allocator.free(b)
-    assert allocator.largest_free == 30
-    allocator.free(a)
-    assert allocator.largest_free == 60  # a and b merged
-    allocator.free(c)
-    assert allocator.largest_free == 100 and allocator.used == 0
+def test_blocks_for_rounds_up() -> None:
+    assert [blocks_for(n, 16) for n in (0, 1, 15, 16, 17, 32, 33)] == [0, 1, 1, 1, 2, 2, 3]
 
 
-def test_random_churn_never_overlaps_and_accounts_exactly() -> None:
+def test_allocate_is_all_or_nothing_and_free_returns_blocks() -> None:
+    allocator = BlockAllocator(10)
+    first = allocator.allocate(4)
+    second = allocator.allocate(6)
+    assert first is not None and second is not None
+    assert sorted(first + second) == list(range(10))
+    assert allocator.num_free == 0 and allocator.allocate(1) is None
+    allocator.free(first)
+    assert allocator.num_free == 4 and allocator.num_used == 6
+    assert allocator.allocate(5) is None and allocator.num_free == 4  # nothing taken by a refused request
+    again = allocator.allocate(4)
+    assert again is not None and sorted(again) == sorted(first)
+
+
+def test_double_and_foreign_frees_are_refused() -> None:
+    allocator = BlockAllocator(4)
+    blocks = allocator.allocate(2)
+    assert blocks is not None
+    allocator.free(blocks)
+    with pytest.raises(ValueError, match="not allocated"):
+        allocator.free(blocks[:1])
+    with pytest.raises(ValueError, match="not allocated"):
+        allocator.free([7])
+    assert allocator.num_free == 4
+
+
+def test_random_churn_never_hands_out_a_block_twice() -> None:
     rng = random.Random(0)
-    allocator = RegionAllocator(1000)
-    live: list[Region] = []
-    for _ in range(2000):
+    allocator = BlockAllocator(64)
+    live: list[list[int]] = []
+    for _ in range(3000):
         if live and rng.random() < 0.5:
             allocator.free(live.pop(rng.randrange(len(live))))
         else:
-            region = allocator.allocate(rng.randint(1, 80))
-            if region is not None:
-                live.append(region)
-        taken = sorted(live, key=lambda r: r.start)
-        assert all(x.end <= y.start for x, y in itertools.pairwise(taken))
-        assert allocator.used == sum(r.length for r in live)
-        assert all(r.start >= 0 and r.end <= 1000 for r in live)
+            blocks = allocator.allocate(rng.randint(0, 9))
+            if blocks is not None:
+                live.append(blocks)
+        held = [block for blocks in live for block in blocks]
+        assert len(held) == len(set(held)) == allocator.num_used
+        assert all(0 <= block < 64 for block in held)
 
 
-def test_compaction_moves_data_with_regions() -> None:
-    cache = KVCache(
-        num_layers=2, num_kv_heads=2, head_dim=4, capacity=64, dtype=torch.float32, device=torch.device("cpu")
-    )
-    first, gap, second = cache.allocator.allocate(10), cache.allocator.allocate(20), cache.allocator.allocate(10)
-    assert first and gap and second
-    for region, value in ((first, 1.0), (second, 2.0)):
-        index = torch.arange(region.start, region.end)
-        keys = torch.full((region.length, 2, 4), value)
-        cache.write(1, index, keys, -keys)
-    cache.allocator.free(gap)
-    moved = cache.compact([second, first])
-    assert moved == [Region(10, 10), Region(0, 10)]
-    k, v = cache.view(1, 10, 10)
-    assert torch.all(k == 2.0) and torch.all(v == -2.0)
-    k, _ = cache.view(1, 0, 10)
-    assert torch.all(k == 1.0)
-    assert cache.allocator.largest_free == 44
+def test_capacity_rounds_up_to_blocks_and_usage_counts_blocks() -> None:
+    cache = KVCache(2, 2, 4, capacity=100, dtype=torch.float32, device=torch.device("cpu"), block_size=16)
+    assert cache.num_blocks == 7 and cache.capacity == 112
+    assert cache.k[0].shape == (112, 2, 4)
+    assert cache.usage == 0.0
+    cache.allocator.allocate(3)
+    assert cache.usage == pytest.approx(3 / 7)
+
+
+def test_writes_land_in_the_sequences_blocks_and_gather_reads_them_back() -> None:
+    cache = KVCache(2, 2, 4, capacity=64, dtype=torch.float32, device=torch.device("cpu"), block_size=4)
+    table = [9, 2, 13]  # scattered blocks: positions 0-3 in block 9, 4-7 in block 2, 8-9 in block 13
+    slots = cache.slots(table, 0, 10)
+    assert slots == [36, 37, 38, 39, 8, 9, 10, 11, 52, 53]
+    assert cache.slots(table, 6, 9) == slots[6:9]
+    keys = torch.arange(10 * 8, dtype=torch.float32).view(10, 2, 4)
+    cache.write(1, torch.tensor(slots), keys, -keys)
+    k, v = cache.gather(1, torch.tensor(slots))
+    assert torch.equal(k, keys) and torch.equal(v, -keys)
+    assert torch.count_nonzero(cache.k[0]) == 0  # other layers untouched
+    untouched = torch.ones(cache.capacity, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.count_nonzero(cache.k[1][untouched]) == 0

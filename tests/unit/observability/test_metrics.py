@@ -72,6 +72,8 @@ def busy_telemetry(settings: ObservabilitySettings | None = None) -> Telemetry:
     listener.adapter_loaded("host", "ok", 0.2)
     listener.adapter_loaded("device", "rejected", 0.0)
     listener.adapter_evicted("device")
+    listener.preempted(tokens=30)
+    listener.preempted(tokens=12)
     labels = RequestLabels("sup", "bot", "a")
     for _ in range(20):
         telemetry.request_succeeded(labels, RequestTiming(100.0, 100.5, 102.5), finished("sup"))
@@ -122,6 +124,8 @@ def test_values_land_where_they_should() -> None:
     assert sample(telemetry, "loraplex_adapter_loads_total", {"tier": "host", "outcome": "error"}) == 0  # pre-made
     assert sample(telemetry, "loraplex_adapter_load_seconds_count", {"tier": "host"}) == 1
     assert sample(telemetry, "loraplex_adapter_evictions_total", {"tier": "device"}) == 1
+    assert sample(telemetry, "loraplex_preemptions_total") == 2
+    assert sample(telemetry, "loraplex_preempted_tokens_total") == 42
     assert sample(telemetry, "loraplex_running_requests") == 3 and sample(telemetry, "loraplex_waiting_requests") == 2
     assert sample(telemetry, "loraplex_queue_capacity") == 64
     assert sample(telemetry, "loraplex_kv_cache_usage_ratio") == 0.4
