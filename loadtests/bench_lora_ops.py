@@ -1,8 +1,9 @@
 """Micro-benchmark of the batched-LoRA backends for one linear layer, against the base layer itself.
 
 For each token count (decode-sized to prefill-sized), every token's adapter drawn from ``--adapters`` resident
-slots: the base matmul, the grouped backend, the gather backend and the per-token reference loop (small cases only).
-This is the measurement behind the backend chosen at start-up.
+slots: the base matmul, the grouped backend, the gather backend and the per-token reference loop (small cases only);
+then the decode case the window kernel serves (every token its own adapter, slots 0 .. tokens - 1). This is the
+measurement behind the per-segment kernel rule in ``loraplex.server.lora.ops``.
 
     python loadtests/bench_lora_ops.py                                  # SmolLM2 gate_proj shape on CPU, fp32
     python loadtests/bench_lora_ops.py --device cuda --dtype bfloat16 --fan-in 4096 --fan-out 14336
@@ -16,7 +17,13 @@ from collections.abc import Callable
 
 import torch
 
-from loraplex.server.lora.ops import lora_delta_gather, lora_delta_grouped, lora_delta_reference
+from loraplex.server.lora.ops import (
+    SlotWindow,
+    lora_delta_gather,
+    lora_delta_grouped,
+    lora_delta_reference,
+    lora_delta_window,
+)
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -69,6 +76,21 @@ def main() -> None:
             else f"{'-':>9}"
         )
         print(f"{tokens:7d} {base_ms:9.3f} {grouped_ms:11.3f} {gather_ms:10.3f} {loop} {grouped_ms / base_ms:13.2f}")
+    print("\none token per adapter (decode over distinct adapters)")
+    print(f"{'tokens':>7} {'base ms':>9} {'grouped ms':>11} {'gather ms':>10} {'window ms':>10} {'window/base':>12}")
+    for tokens in (int(t) for t in args.tokens.split(",") if int(t) <= args.adapters):
+        x = torch.randn(tokens, args.fan_in, generator=generator).to(device, dtype)
+        slots = torch.arange(tokens, device=device)
+        ends = torch.bincount(slots, minlength=args.adapters).cumsum(0).to(torch.int32)
+        window = SlotWindow(0, tokens, None)
+        base_ms = timed(lambda x=x: x @ weight.T, device, args.repeats)
+        grouped_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_grouped(x, a, b, s, e), device, args.repeats)
+        gather_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_gather(x, a, b, s, e), device, args.repeats)
+        window_ms = timed(lambda x=x, w=window: lora_delta_window(x, a, b, w), device, args.repeats)
+        print(
+            f"{tokens:7d} {base_ms:9.3f} {grouped_ms:11.3f} {gather_ms:10.3f} {window_ms:10.3f} "
+            f"{window_ms / base_ms:12.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import LoraKernels, apply_dora
+from loraplex.server.lora.ops import LoraKernels, apply_dora, lora_delta
 
 
 class LoraLinear:
@@ -33,10 +33,9 @@ class LoraLinear:
             if stacks_a is None:
                 continue
             rows = slice(segment.start, segment.end)
-            kernel = self._kernels.choose(segment.end - segment.start, segment.groups).delta
-            delta = kernel(
-                x[rows], stacks_a[self.layer], pool.b[self.module][self.layer], segment.slots, segment.group_ends
-            )
+            backend = self._kernels.choose(segment.end - segment.start, segment.groups, segment.window)
+            a, b = stacks_a[self.layer], pool.b[self.module][self.layer]
+            delta = lora_delta(backend, x[rows], a, b, segment.slots, segment.group_ends, segment.window)
             if pool.key.dora:
                 scale = pool.dora[self.module][self.layer].index_select(0, segment.slots)
                 y[rows] = apply_dora(y[rows], delta, self.bias, scale)

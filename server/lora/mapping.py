@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.server.lora.ops import WINDOW_MAX_WIDTH_PER_ROW, SlotWindow
 from loraplex.server.lora.pool import SlotPool
 
 
@@ -23,6 +24,18 @@ class LoraSegment:
     slots: torch.Tensor  # [end - start] long: slot of each row (non-decreasing)
     group_ends: torch.Tensor  # [pool.capacity] int32: one past the last row (relative to start) of each slot
     groups: int  # distinct slots among the rows
+    window: SlotWindow | None  # set when every row has its own slot, in a narrow window (the window kernel)
+
+
+def _window(slots: list[int], device: torch.device) -> SlotWindow | None:
+    """The slot window of a segment whose (sorted) rows each have their own slot, if it is narrow enough."""
+    first, last = slots[0], slots[-1]
+    width = last - first + 1
+    if len(set(slots)) != len(slots) or width > WINDOW_MAX_WIDTH_PER_ROW * len(slots):
+        return None
+    if width == len(slots):
+        return SlotWindow(first, width, None)
+    return SlotWindow(first, width, torch.tensor([s - first for s in slots], dtype=torch.long, device=device))
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class LoraMapping:
                     slots=torch.tensor(slots, dtype=torch.long, device=device),
                     group_ends=ends.to(device),
                     groups=sum(1 for count in counts if count),
+                    window=_window(slots, device),
                 )
             )
         return cls(tuple(segments))

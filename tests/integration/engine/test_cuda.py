@@ -14,7 +14,7 @@ import torch
 
 from loraplex.server.config import ModelSettings
 from loraplex.server.engine.types import GenerationRequest, SamplingParams
-from loraplex.server.lora.ops import LoraBackend, lora_delta_reference, select_kernels
+from loraplex.server.lora.ops import LoraBackend, lora_delta, lora_delta_reference, select_kernels
 from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import quantization_config
 from loraplex.server.model.random_model import write_random_llama
@@ -48,7 +48,7 @@ def test_backends_on_cuda_match_reference(dtype: torch.dtype, tolerance: float) 
     slot_of = torch.sort(torch.randint(0, slots, (tokens,), generator=generator)).values
     ends = torch.bincount(slot_of, minlength=slots).cumsum(0).to(torch.int32)
     want = lora_delta_reference(x.double(), a.double(), b.double(), slot_of)
-    got = backend.delta(x.to(CUDA, dtype), a.to(CUDA, dtype), b.to(CUDA, dtype), slot_of.to(CUDA), ends.to(CUDA))
+    got = lora_delta(backend, x.to(CUDA, dtype), a.to(CUDA, dtype), b.to(CUDA, dtype), slot_of.to(CUDA), ends.to(CUDA))
     error = torch.linalg.norm(got.double().cpu() - want) / torch.linalg.norm(want)
     assert error < tolerance
     if dtype == torch.bfloat16:

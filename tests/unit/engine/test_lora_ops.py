@@ -8,10 +8,13 @@ import torch
 from loraplex.server.lora.ops import (
     LoraBackend,
     LoraKernels,
+    SlotWindow,
     apply_dora,
+    lora_delta,
     lora_delta_gather,
     lora_delta_grouped,
     lora_delta_reference,
+    lora_delta_window,
     select_kernels,
 )
 
@@ -43,6 +46,28 @@ def test_fast_paths_match_reference_fp32(fast, tokens: int, slots: int, rank: in
     got = fast(x, a, b, slot_of, ends)
     assert got.shape == (tokens, fan_out)
     assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("slot_list", "window"),
+    [
+        ([3, 4, 5, 6], SlotWindow(3, 4, None)),  # the rows fill the window: pure views
+        ([1, 2, 4, 7], SlotWindow(1, 7, torch.tensor([0, 1, 3, 6]))),  # gaps: empty slots computed as zeros
+        ([5], SlotWindow(5, 1, None)),
+    ],
+)
+def test_window_kernel_matches_reference(slot_list: list[int], window: SlotWindow) -> None:
+    generator = torch.Generator().manual_seed(len(slot_list))
+    x = torch.randn(len(slot_list), 48, generator=generator)
+    a = torch.randn(8, 48, 6, generator=generator)
+    b = torch.randn(8, 6, 40, generator=generator)
+    slots = torch.tensor(slot_list)
+    want = lora_delta_reference(x.double(), a.double(), b.double(), slots).float()
+    torch.testing.assert_close(lora_delta_window(x, a, b, window), want, rtol=1e-5, atol=1e-5)
+    ends = torch.bincount(slots, minlength=8).cumsum(0).to(torch.int32)
+    torch.testing.assert_close(lora_delta(LoraBackend.WINDOW, x, a, b, slots, ends, window), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="slot window"):
+        lora_delta(LoraBackend.WINDOW, x, a, b, slots, ends)
 
 
 def test_grouped_handles_empty_groups_and_single_group() -> None:
@@ -83,6 +108,11 @@ def test_cpu_kernels_are_chosen_by_the_segment_shape() -> None:
     assert kernels.choose(rows=32, groups=4) is LoraBackend.GROUPED  # many rows per adapter
     assert kernels.choose(rows=512, groups=512) is LoraBackend.GROUPED  # beyond GATHER_MAX_ROWS
     assert kernels.choose(rows=1, groups=1) is LoraBackend.GATHER
+    window = SlotWindow(0, 32, None)
+    assert kernels.choose(rows=32, groups=32, window=window) is LoraBackend.WINDOW  # decode over distinct adapters
+    assert LoraKernels(grouped_works=True, by_shape=False).choose(32, 32, window) is LoraBackend.GROUPED  # CUDA
+    assert LoraKernels(grouped_works=False, by_shape=False).choose(32, 32, window) is LoraBackend.WINDOW
+    assert select_kernels(torch.device("cpu"), torch.float32, "gather").choose(32, 32, window) is LoraBackend.GATHER
 
 
 def test_forced_and_unavailable_kernels() -> None:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from loraplex.server.lora.format import AdapterLimits, read_adapter
-from loraplex.server.lora.pool import DeviceSlots, PoolKey, rank_bucket
+from loraplex.server.lora.mapping import LoraMapping
+from loraplex.server.lora.ops import SlotWindow
+from loraplex.server.lora.pool import DeviceSlots, PoolKey, SlotPool, rank_bucket
 from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
 
@@ -86,3 +88,20 @@ def test_shrink_compacts_and_keeps_weights(tmp_path: Path) -> None:
             placement.pool.a["v_proj"][0][placement.slot][:, :8], weights.modules[(0, "v_proj")].a.T
         )
     assert next(iter(slots.pools.values())).capacity == 2
+
+
+def test_mapping_gives_decode_segments_a_slot_window() -> None:
+    """One row per slot within 2x the rows: a window (None offsets when the rows fill it); repeated slots or a wide
+    spread: no window (the gather or grouped kernel)."""
+    pool = SlotPool(PoolKey(8, ("q_proj", "v_proj"), False), SHAPE, 16, torch.float32, torch.device("cpu"))
+    cpu = torch.device("cpu")
+
+    def window(slots: list[int]) -> SlotWindow | None:
+        return LoraMapping.build([(pool, slot, 1) for slot in slots], cpu).segments[0].window
+
+    assert window([2, 3, 4]) == SlotWindow(2, 3, None)
+    gapped = window([1, 2, 4])
+    assert gapped is not None and (gapped.first, gapped.width) == (1, 4)
+    assert gapped.local is not None and gapped.local.tolist() == [0, 1, 3]
+    assert window([0, 15]) is None  # 16 slots wide for 2 rows
+    assert LoraMapping.build([(pool, 3, 2), (pool, 4, 1)], cpu).segments[0].window is None  # a prompt chunk
