@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -68,22 +68,58 @@ _MAX_REPETITION_PENALTY = 100.0
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
-class AsyncSink:
-    """An :class:`EventSink` feeding an asyncio queue, bounded by ``max_backlog`` undelivered events."""
+class LoopHandoff:
+    """Events bound for one event loop, gathered while the engine steps and handed over in one
+    ``call_soon_threadsafe`` per step (not one per token: each call wakes the loop and contends for the GIL)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_backlog: int) -> None:
-        self._loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[AsyncSink, GenerationEvent | EngineError]] = []
+        self._lock = threading.Lock()
+
+    def put(self, sink: AsyncSink, item: GenerationEvent | EngineError) -> None:
+        with self._lock:
+            self._pending.append((sink, item))
+
+    def flush(self) -> bool:
+        """Hands the gathered events to the loop; False when the loop is closed (their sinks are closed too, so
+        the engine cancels their sequences at the next push)."""
+        with self._lock:
+            items, self._pending = self._pending, []
+        if not items:
+            return True
+        try:
+            self.loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the loop is closed: nobody reads any more
+            for sink, _ in items:
+                sink.closed = True
+            return False
+        return True
+
+
+def _deliver(items: list[tuple[AsyncSink, GenerationEvent | EngineError]]) -> None:
+    for sink, item in items:
+        sink.deliver(item)
+
+
+class AsyncSink:
+    """An :class:`EventSink` feeding an asyncio queue through its loop's :class:`LoopHandoff`, bounded by
+    ``max_backlog`` undelivered events. Events pushed on the engine thread wait for the end of the step; any
+    other thread's are handed over at once."""
+
+    def __init__(self, handoff: LoopHandoff, max_backlog: int, engine_thread: Callable[[], bool]) -> None:
+        self._handoff = handoff
         self._queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
         self._max_backlog = max_backlog
         self._backlog = 0
         self._lock = threading.Lock()
+        self._on_engine_thread = engine_thread
         self.closed = False
 
     def _put(self, item: GenerationEvent | EngineError) -> bool:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody reads any more
-            return False
+        self._handoff.put(self, item)
+        if not self._on_engine_thread():
+            return self._handoff.flush()
         return True
 
     def push(self, event: GenerationEvent) -> bool:
@@ -97,6 +133,10 @@ class AsyncSink:
 
     def fail(self, error: EngineError) -> None:
         self._put(error)
+
+    def deliver(self, item: GenerationEvent | EngineError) -> None:
+        """On the event loop: the item reaches the reader."""
+        self._queue.put_nowait(item)
 
     async def get(self) -> GenerationEvent | EngineError:
         item = await self._queue.get()
@@ -170,6 +210,7 @@ class Engine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._live: dict[str, Sequence] = {}
+        self._handoffs: dict[asyncio.AbstractEventLoop, LoopHandoff] = {}
         self._running_count = 0
         self._accepting = False
         self._stopping = False
@@ -354,7 +395,9 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Submits ``request`` and yields its events; closing the iterator early cancels the request."""
-        sink = AsyncSink(asyncio.get_running_loop(), self.settings.engine.max_stream_backlog)
+        sink = AsyncSink(
+            self._handoff(asyncio.get_running_loop()), self.settings.engine.max_stream_backlog, self._on_engine_thread
+        )
         self.submit(request, sink)
         finished = False
         try:
@@ -371,6 +414,26 @@ class Engine:
             sink.closed = True
             if not finished:
                 self.cancel(request.request_id)
+
+    def _handoff(self, loop: asyncio.AbstractEventLoop) -> LoopHandoff:
+        with self._lock:
+            handoff = self._handoffs.get(loop)
+            if handoff is None:
+                handoff = self._handoffs[loop] = LoopHandoff(loop)
+            return handoff
+
+    def _on_engine_thread(self) -> bool:
+        return threading.current_thread() is self._runner and not self._loop_done.is_set()
+
+    def _flush_events(self) -> None:
+        """Hands the step's events to their event loops, one call per loop; forgets closed loops."""
+        with self._lock:
+            handoffs = list(self._handoffs.values())
+        closed = [handoff.loop for handoff in handoffs if not handoff.flush() or handoff.loop.is_closed()]
+        if closed:
+            with self._lock:
+                for loop in closed:
+                    self._handoffs.pop(loop, None)
 
     def cancel(self, request_id: str, reason: EngineError | None = None) -> bool:
         """Marks a live request cancelled; the engine frees it at the next step. False if it is not live."""
@@ -432,6 +495,7 @@ class Engine:
             except Exception:  # the loop must survive anything; the step's requests were failed already
                 log.exception("engine iteration failed")
                 worked = False
+            self._flush_events()
             if not worked:
                 self._wake.wait(self.settings.engine.idle_poll_s)
                 self._wake.clear()
@@ -486,8 +550,7 @@ class Engine:
         output = self.forward(built.batch)
         self.steps += 1
         adapters = {id(chunk.seq.adapter) for chunk in chunks if chunk.seq.adapter is not None}
-        logits, sampled = self._drop_non_finite(output.logits, built.sampled)
-        tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in sampled])
+        tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
         if output.prompt_hidden_sums is not None:
             sums = output.prompt_hidden_sums.tolist()
             for chunk, row in zip(built.pooled, sums, strict=True):
@@ -499,34 +562,27 @@ class Engine:
                 )
         for chunk in built.chunks:
             chunk.seq.num_computed += chunk.num_tokens
-        for chunk, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            self._emit(chunk.seq, token, logprob)
+        for chunk, token, logprob in zip(built.sampled, tokens, logprobs, strict=True):
+            if math.isfinite(logprob):
+                self._emit(chunk.seq, token, logprob)
+            else:
+                self._fail_non_finite(chunk.seq)
         rows = sum(chunk.num_tokens for chunk in chunks)
         self.listener.step(rows, len(chunks), len(adapters), time.perf_counter() - started)
 
-    def _drop_non_finite(
-        self, logits: torch.Tensor, sampled: tuple[ScheduledChunk, ...]
-    ) -> tuple[torch.Tensor, tuple[ScheduledChunk, ...]]:
-        """Fails the rows whose logits hold NaN or Inf (an adapter whose finite weights overflow) and returns the
-        others: one such row must neither crash the sampler for the whole batch nor answer garbage tokens."""
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
-        if all(finite):
-            return logits, sampled
-        for chunk, ok in zip(sampled, finite, strict=True):
-            if not ok:
-                seq = chunk.seq
-                error: EngineError = (
-                    InternalError("the base model produced NaN or Inf logits")
-                    if seq.adapter is None
-                    else AdapterRejected(
-                        f"adapter '{seq.request.adapter_id}' produced NaN or Inf logits (its weights overflow when "
-                        "applied); re-train or re-export it with smaller weights"
-                    )
-                )
-                self._fail(seq, error)
-        keep = [index for index, ok in enumerate(finite) if ok]
-        rows = torch.tensor(keep, dtype=torch.long, device=logits.device)
-        return logits.index_select(0, rows), tuple(sampled[index] for index in keep)
+    def _fail_non_finite(self, seq: Sequence) -> None:
+        """Fails a row whose logits held NaN or +Inf (an adapter whose finite weights overflow): its token's raw
+        log-probability is then NaN or -Inf, which no finite row gives. The row neither crashes the sampler for
+        the whole batch (it samples from cleaned scores) nor answers a garbage token."""
+        error: EngineError = (
+            InternalError("the base model produced NaN or Inf logits")
+            if seq.adapter is None
+            else AdapterRejected(
+                f"adapter '{seq.request.adapter_id}' produced NaN or Inf logits (its weights overflow when "
+                "applied); re-train or re-export it with smaller weights"
+            )
+        )
+        self._fail(seq, error)
 
     def _emit(self, seq: Sequence, token: int, logprob: float) -> None:
         now = time.monotonic()
