@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -211,6 +211,7 @@ class Engine:
         self._lock = threading.Lock()
         self._live: dict[str, Sequence] = {}
         self._handoffs: dict[asyncio.AbstractEventLoop, LoopHandoff] = {}
+        self._submitter = ThreadPoolExecutor(1, thread_name_prefix="engine-submit")  # one: keeps arrival order
         self._running_count = 0
         self._accepting = False
         self._stopping = False
@@ -298,6 +299,7 @@ class Engine:
             self._live.clear()
         for seq in leftovers:
             seq.sink.fail(ShuttingDown("the server is shutting down"))
+        self._submitter.shutdown(wait=False, cancel_futures=True)
         self.adapters.shutdown()
 
     @property
@@ -395,10 +397,18 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Submits ``request`` and yields its events; closing the iterator early cancels the request."""
-        sink = AsyncSink(
-            self._handoff(asyncio.get_running_loop()), self.settings.engine.max_stream_backlog, self._on_engine_thread
-        )
-        self.submit(request, sink)
+        loop = asyncio.get_running_loop()
+        sink = AsyncSink(self._handoff(loop), self.settings.engine.max_stream_backlog, self._on_engine_thread)
+        try:  # validation and tokenization (their cost grows with the prompt) off the event loop, in arrival order
+            await loop.run_in_executor(self._submitter, self.submit, request, sink)
+        except asyncio.CancelledError:
+            sink.closed = True  # if it is accepted after all, the engine cancels it at its first event
+            self.cancel(request.request_id)
+            raise
+        except RuntimeError as exc:  # the submitter is shut down: the engine has stopped
+            if not self._stopped:
+                raise
+            raise ShuttingDown("the server is draining or stopped; retry on another replica") from exc
         finished = False
         try:
             while True:

@@ -17,18 +17,11 @@ from transformers import AutoModelForCausalLM
 
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.events import EngineListener
-from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.types import ChatMessage
-from loraplex.server.lora.format import AdapterLimits, read_adapter
-from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import select_kernels
-from loraplex.server.lora.pool import DeviceSlots
-from loraplex.server.model.attention import SequenceSpan, plan_attention
-from loraplex.server.model.dora import dora_scales_for
-from loraplex.server.model.forward import DecoderForward, StepBatch
 from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import Outcome, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
+from tests.support.mixed_forward import mixed_prefill_logits
 from tests.support.peft_oracle import oracle_requests, peft_generate, peft_logits
 
 # name -> write_adapter keyword arguments: ranks 4..64, q,v and all-linear, rsLoRA, patterns, layer subsets, DoRA
@@ -98,42 +91,9 @@ def test_adapters_change_the_output(base: LoadedBase, peft_model: Any) -> None:
 
 def test_mixed_prefill_batch_logits_match_peft(base: LoadedBase, adapter_root: Path, peft_model: Any) -> None:
     """One forward pass over 9 adapters + 2 base rows: every row's last-token logits within 1e-3 of PEFT's."""
-    shape = base.shape
-    slots = DeviceSlots(shape, max_slots=16, max_bytes=8 << 30, dtype=base.dtype, device=base.device)
-    kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, 4096, base.dtype, base.device)
-    forward = DecoderForward(base, kv, select_kernels(base.device, base.dtype))
-    limits = AdapterLimits(max_rank=128, max_file_bytes=1 << 30)
     names: list[str | None] = [*ADAPTERS, None, None]
-    placements = {}
-    for name in ADAPTERS:
-        weights = read_adapter(name, adapter_root / name, shape, limits, base.fingerprint)
-        placements[name] = slots.place(weights, dora_scales_for(base, weights))
-    rows = sorted(
-        zip(names, PROMPTS, strict=True),
-        key=lambda r: (r[0] is None, id(placements[r[0]].pool) if r[0] else 0, placements[r[0]].slot if r[0] else 0),
-    )
-    ids, positions, cache_index, spans, last, lora_rows = [], [], [], [], [], []
-    for name, prompt in rows:
-        prompt_ids = base.tokenizer(prompt)["input_ids"]
-        blocks = kv.allocator.allocate(kv.blocks_for(len(prompt_ids)))
-        assert blocks is not None
-        spans.append(SequenceSpan(len(ids), len(prompt_ids), 0, blocks))
-        ids += prompt_ids
-        positions += range(len(prompt_ids))
-        cache_index += kv.slots(blocks, 0, len(prompt_ids))
-        last.append(len(ids) - 1)
-        if name is not None:
-            lora_rows.append((placements[name].pool, placements[name].slot, len(prompt_ids)))
-    batch = StepBatch(
-        torch.tensor(ids),
-        torch.tensor(positions),
-        torch.tensor(cache_index),
-        plan_attention(spans, kv.block_size, base.device),
-        torch.tensor(last),
-        LoraMapping.build(lora_rows, base.device),
-    )
-    logits = forward(batch).logits
-    assert len({p.pool.key for p in placements.values()}) >= 5  # really several pools in one pass
+    rows, logits, pools = mixed_prefill_logits(base, adapter_root, list(zip(names, PROMPTS, strict=True)))
+    assert len(pools) >= 5  # really several pools in one pass
     for row, (name, prompt) in enumerate(rows):
         want = peft_logits(peft_model, name, base.tokenizer(prompt)["input_ids"])[-1]
         diff = (logits[row] - want).abs().max().item()
