@@ -17,7 +17,7 @@ import torch
 from loraplex.server.config import ModelSettings
 from loraplex.server.model.loader import LoadedBase, load_base
 from tests.integration.engine.test_peft_oracle import ADAPTERS, PROMPTS
-from tests.support.adapters import write_adapter
+from tests.support.adapters import write_adapter_set
 from tests.support.mixed_forward import mixed_prefill_logits
 
 MAX_TOP10_LOGPROB_DIFF = 0.35
@@ -26,10 +26,7 @@ MAX_TOTAL_VARIATION = 0.06
 
 @pytest.fixture(scope="module")
 def adapter_root(tmp_path_factory: pytest.TempPathFactory, base: LoadedBase) -> Path:
-    root = tmp_path_factory.mktemp("adapters")
-    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
-        write_adapter(root / name, base.shape, seed=seed, **kwargs)
-    return root
+    return write_adapter_set(tmp_path_factory.mktemp("adapters"), base.shape, ADAPTERS)
 
 
 def test_bfloat16_mixed_batch_stays_within_tolerance_of_float32(

@@ -199,10 +199,11 @@ def test_full_queue_is_refused_at_once(engine_factory: Any, root: Path) -> None:
         await wait_until(lambda: engine.stats().running == 1)
         tasks += [asyncio.create_task(collect(engine, req(max_new_tokens=30, ignore_eos=True))) for _ in range(2)]
         await wait_until(lambda: engine.stats().waiting == 2)
-        started = time.perf_counter()
+        steps = engine.steps
         with pytest.raises(Overloaded, match=r"engine\.max_queue=2"):
             engine.submit(req(), sink=None)  # type: ignore[arg-type]
-        assert time.perf_counter() - started < 0.05
+        assert engine.steps - steps <= 1  # refused within the step under way, not after a queue slot freed
+        assert engine.stats().waiting == 2 and not any(task.done() for task in tasks)
         outcomes = await asyncio.gather(*tasks)
         assert all(o.error is None for o in outcomes)
 

@@ -20,7 +20,7 @@ from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.types import ChatMessage
 from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import Outcome, run_all
-from tests.support.adapters import ALL_LINEAR, QV, write_adapter
+from tests.support.adapters import ALL_LINEAR, QV, write_adapter_set
 from tests.support.mixed_forward import mixed_prefill_logits
 from tests.support.peft_oracle import oracle_requests, peft_generate, peft_logits
 
@@ -64,10 +64,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def adapter_root(tmp_path_factory: pytest.TempPathFactory, base: LoadedBase) -> Path:
-    root = tmp_path_factory.mktemp("adapters")
-    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
-        write_adapter(root / name, base.shape, seed=seed, **kwargs)
-    return root
+    return write_adapter_set(tmp_path_factory.mktemp("adapters"), base.shape, ADAPTERS)
 
 
 @pytest.fixture(scope="module")
