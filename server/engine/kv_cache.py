@@ -114,7 +114,3 @@ class KVCache:
         """Stores new tokens: ``index [T]`` cache slots, ``keys/values [T, kv_heads, head_dim]``."""
         self.k[layer].index_copy_(0, index, keys)
         self.v[layer].index_copy_(0, index, values)
-
-    def gather(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[N, kv_heads, head_dim]`` copies of the keys and values at slots ``index [N]``."""
-        return self.k[layer].index_select(0, index), self.v[layer].index_select(0, index)

@@ -154,7 +154,8 @@ class Scheduler:
         return budget
 
     def _admit(self, seq: Sequence, budget: int) -> int:
-        """Tokens of ``seq``'s first chunk if its blocks can be taken now (they are), else 0."""
+        """Takes the blocks of ``seq``'s first chunk and returns its tokens; 0 (nothing taken) when too few are
+        free beside the reserve."""
         take = min(seq.pending, budget)
         reserve = max(1, self.kv.num_blocks // 100) if self.running else 0
         if self.kv.blocks_for(take) + reserve > self.kv.allocator.num_free or not self._grow(seq, take):
