@@ -327,9 +327,10 @@ def cold_loads(base: LoadedBase, per_rank: int) -> dict[str, dict[str, float]]:
                 started = time.perf_counter()
                 version = engine.adapters.lookup(adapter_id).result()
                 loaded = time.perf_counter()
-                if not engine.adapters.make_resident(version):
+                if not engine.adapters.acquire_resident(version):
                     raise RuntimeError(f"{adapter_id} could not be placed on the device")
                 total.append(time.perf_counter() - started)
+                engine.adapters.release(version, served=False)
                 host.append(loaded - started)
                 if version.rank != rank:
                     raise RuntimeError(f"{adapter_id} has rank {version.rank}, expected {rank}")

@@ -79,7 +79,8 @@ class Scheduler:
                     failed.append((seq, error))
 
     def _adapter_ready(self, seq: Sequence) -> bool:
-        """Whether the sequence's adapter is on the device (placing it if possible); raises when it cannot be."""
+        """Whether the sequence holds its adapter on the device (placing it and taking a reference if possible);
+        raises when it cannot be served."""
         if not seq.request.adapter_id or seq.adapter_acquired:
             return True  # the base model, or a preempted sequence that kept its adapter (and its slot)
         if seq.adapter_future is None:
@@ -92,7 +93,14 @@ class Scheduler:
             # Not started yet: take the current version (after a replace) or reload it (after eviction).
             seq.adapter, seq.adapter_future = None, self.adapters.lookup(adapter_id)
             return False
-        return self.adapters.make_resident(version)
+        seq.adapter_acquired = self.adapters.acquire_resident(version)
+        return seq.adapter_acquired
+
+    def _drop_adapter(self, seq: Sequence, served: bool = False) -> None:
+        """Gives back the sequence's adapter reference (and so, maybe, its device slot), if it holds one."""
+        if seq.adapter is not None and seq.adapter_acquired:
+            self.adapters.release(seq.adapter, served)
+            seq.adapter_acquired = False
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:
         """Gives ``seq`` the blocks its next ``tokens`` need; False (nothing taken) when too few are free."""
@@ -184,10 +192,8 @@ class Scheduler:
                 continue
             take = self._admit(seq, budget)
             if not take:
+                self._drop_adapter(seq)
                 break
-            if seq.adapter is not None and not seq.adapter_acquired:
-                self.adapters.acquire(seq.adapter)
-                seq.adapter_acquired = True
             seq.status = Status.RUNNING
             if seq.scheduled_at is None:
                 seq.scheduled_at = now
@@ -206,9 +212,7 @@ class Scheduler:
         if seq.blocks:
             self.kv.allocator.free(seq.blocks)
             seq.blocks = []
-        if seq.adapter is not None and seq.adapter_acquired:
-            self.adapters.release(seq.adapter, served)
-            seq.adapter_acquired = False
+        self._drop_adapter(seq, served)
         seq.status = Status.FINISHED
 
     def __len__(self) -> int:

@@ -8,8 +8,10 @@ waits while every other request keeps generating.
 Versions: loaded weights are immutable. Loading an id whose files changed creates a new :class:`AdapterVersion`;
 running sequences keep the version they hold (reference counts), new requests get the new one, and the old
 version's slot is freed when its last sequence finishes. ``unload`` takes the id out of service (requests get
-AdapterNotFound until it is loaded again). Device placement and eviction happen on the engine thread only
-(between steps); everything else is safe from any thread under one lock.
+AdapterNotFound until it is loaded again). Device placement, eviction and compaction happen on the engine thread
+only (between steps); everything else is safe from any thread under one lock. A sequence takes its reference in
+the same locked step that makes its version resident (:meth:`AdapterManager.acquire_resident`), so a retirement on
+another thread can never free a slot a sequence is about to run on.
 """
 
 from __future__ import annotations
@@ -312,11 +314,6 @@ class AdapterManager:
 
     # ------------------------------------------------------------------------------------- engine thread only
 
-    def acquire(self, version: AdapterVersion) -> None:
-        with self._lock:
-            version.refs += 1
-            version.last_used = time.monotonic()
-
     def release(self, version: AdapterVersion, served: bool) -> None:
         with self._lock:
             version.refs -= 1
@@ -326,7 +323,21 @@ class AdapterManager:
             if version.retired is not None:
                 self._free_retired()
 
-    def make_resident(self, version: AdapterVersion) -> bool:
+    def acquire_resident(self, version: AdapterVersion) -> bool:
+        """Puts ``version`` in a device slot (evicting idle adapters if needed) and takes a reference to it, in one
+        step under the lock; False (nothing taken) when it must wait or was retired meanwhile.
+
+        One step, because another thread may retire the version at any moment (an unload, or a replace finishing
+        on a loader thread): a version placed but not yet referenced would lose its slot, and the sequence would
+        run on the base model alone. Once referenced, the version keeps its slot until :meth:`release`.
+        """
+        with self._lock:
+            if version.retired is not None or not self._make_resident(version):
+                return False
+            version.refs += 1
+            return True
+
+    def _make_resident(self, version: AdapterVersion) -> bool:
         """Puts ``version`` in a device slot, evicting idle adapters if needed; False when it must wait."""
         with self._lock:
             if version.placement is not None:
@@ -371,7 +382,7 @@ class AdapterManager:
         with self._lock:
             for entry in self._entries.values():
                 if entry.pinned and entry.current is not None and entry.current.placement is None:
-                    self.make_resident(entry.current)
+                    self._make_resident(entry.current)
 
     # ------------------------------------------------------------------------------------------------ admin
 
