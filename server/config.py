@@ -153,7 +153,16 @@ class ServerSettings(_Section):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 = pick a free one (logged at start-up)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="HTTP /metrics port; 0 = pick a free one")
     metrics_host: str | None = Field(None, description="address the /metrics HTTP server binds; unset = server.host")
-    max_message_bytes: int = Field(4 * MIB, ge=1024, description="largest gRPC message received or sent")
+    http_port: int = Field(
+        8000,
+        ge=-1,
+        le=65535,
+        description="OpenAI-compatible HTTP API port (on server.host); 0 = pick a free one (logged at start-up), "
+        "-1 = off",
+    )
+    max_message_bytes: int = Field(
+        4 * MIB, ge=1024, description="largest gRPC message received or sent, and largest HTTP request body"
+    )
     max_concurrent_streams: int = Field(
         1024, ge=1, description="generation RPCs in flight at once; more get RESOURCE_EXHAUSTED at once"
     )
@@ -276,6 +285,7 @@ FLAG_ALIASES: dict[str, str] = {
     "host": "server.host",
     "port": "server.port",
     "metrics-port": "server.metrics_port",
+    "http-port": "server.http_port",
     "routes-file": "routing.routes_file",
 }
 

@@ -1,13 +1,14 @@
 """``loraplex-server``: wires settings, base model, engine and the gRPC API together; owns start-up and shutdown.
 
 Threads: the process's main thread does all the torch work (loads the base model, then runs the engine's step
-loop, see :meth:`Engine.run` for why it must be the main thread); the asyncio event loop with the gRPC and metrics
+loop, see :meth:`Engine.run` for why it must be the main thread); the asyncio event loop with the gRPC, HTTP and metrics
 servers runs on the ``api`` thread. :class:`EngineHandoff` passes the engine and the stop request between them.
 
-Start-up: the routes file is read and checked (every adapter it names must exist), the ``/metrics`` HTTP server and
-the gRPC server listen (health NOT_SERVING, calls get UNAVAILABLE), then the base model loads and the engine starts,
-then health goes SERVING. SIGTERM or SIGINT: health goes NOT_SERVING, new calls get UNAVAILABLE, accepted requests
-finish within ``server.grace_period_s``, the engine stops, the process exits 0.
+Start-up: the routes file is read and checked (every adapter it names must exist), the ``/metrics`` HTTP server,
+the gRPC server and the OpenAI-compatible HTTP API listen (health NOT_SERVING, calls get UNAVAILABLE or 503), then
+the base model loads and the engine starts, then health goes SERVING. SIGTERM or SIGINT: health goes NOT_SERVING,
+new calls get UNAVAILABLE (503 over HTTP), accepted requests finish within ``server.grace_period_s``, the HTTP API
+and the gRPC server stop, the engine stops, the process exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from prometheus_client import disable_created_metrics
 
 import loraplex.server
 from loraplex.server.api.auth import AuthConfigError, TokenTable
+from loraplex.server.api.http.server import HttpServer, build_http_server
 from loraplex.server.api.server import ApiServer, build_server
 from loraplex.server.config import Settings, settings_from_argv
 from loraplex.server.engine.engine import Engine, describe
@@ -150,6 +152,7 @@ async def serve(settings: Settings, handoff: EngineHandoff) -> int:
         router = open_router(settings)
         telemetry = Telemetry(settings.observability)
         api = build_server(settings, tokens, router, telemetry)
+        http = build_http_server(api.state, tokens, _STOP_GRACE_S)
         metrics_host = settings.server.metrics_host or settings.server.host
         metrics = telemetry.serve(metrics_host, settings.server.metrics_port)
     except (AuthConfigError, RoutingError, ValueError, RuntimeError, OSError) as exc:
@@ -159,13 +162,22 @@ async def serve(settings: Settings, handoff: EngineHandoff) -> int:
     telemetry.attach_routes(lambda: route_gauges(router))
     log.info("metrics on http://%s:%d/metrics", metrics_host, metrics.server_address[1])
     try:
-        return await _serve(settings, api, tokens, telemetry, handoff)
+        return await _serve(settings, api, http, tokens, telemetry, handoff)
     finally:
         metrics.shutdown()
 
 
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host and not host.startswith("[") else f"http://{host}:{port}"
+
+
 async def _serve(
-    settings: Settings, api: ApiServer, tokens: TokenTable | None, telemetry: Telemetry, handoff: EngineHandoff
+    settings: Settings,
+    api: ApiServer,
+    http: HttpServer | None,
+    tokens: TokenTable | None,
+    telemetry: Telemetry,
+    handoff: EngineHandoff,
 ) -> int:
     await api.state.mark_starting()
     try:
@@ -173,6 +185,9 @@ async def _serve(
     except Exception:
         handoff.give_up()
         raise
+    if http is not None:
+        http.start()
+        log.info("HTTP API (OpenAI-compatible) on %s", _url(settings.server.host, http.port))
     log.info(
         "listening on %s:%d (%s, auth %s)",
         settings.server.host,
@@ -183,6 +198,8 @@ async def _serve(
     stop = handoff.listening(telemetry.listener)
     engine = await handoff.engine()
     if engine is None:
+        if http is not None:
+            await http.stop()
         await api.server.stop(grace=None)
         return 1
     attach_engine(telemetry, engine)
@@ -195,6 +212,8 @@ async def _serve(
     await api.state.drain()
     if not await api.state.wait_idle(grace):
         log.warning("%d requests still running after the grace period; cancelling them", api.state.active_streams)
+    if http is not None:
+        await http.stop()
     await api.server.stop(grace=_STOP_GRACE_S)
     await asyncio.to_thread(engine.stop)
     log.info("stopped")

@@ -1,6 +1,7 @@
 """The real ``loraplex-server`` as a child process on a free loopback port, for integration tests and benchmarks.
 
-The server binds port 0 and logs ``listening on HOST:PORT``; its log goes to a file (never a pipe nobody reads).
+The server binds port 0 and logs ``listening on HOST:PORT`` (gRPC) and, before it, ``HTTP API (OpenAI-compatible)
+on http://HOST:PORT``; its log goes to a file (never a pipe nobody reads).
 ``start`` returns once the log says ``serving`` (or, with ``wait="listening"``, as soon as the port is bound).
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+) ")
+_HTTP_LISTENING = re.compile(r"HTTP API \(OpenAI-compatible\) on http://(\S+):(\d+)")
 START_TIMEOUT_S = 180.0  # the base model loads in seconds, but a busy 2-core machine can take much longer
 
 
@@ -29,6 +31,7 @@ class ServerProcess:
         self.process = process
         self.log_path = log_path
         self.port = 0
+        self.http_port = 0  # 0 while the HTTP API is off (--http-port -1)
 
     @classmethod
     def start(
@@ -41,7 +44,7 @@ class ServerProcess:
         program: Sequence[str] = (sys.executable, "-m", "loraplex.server.main"),
     ) -> ServerProcess:
         """Starts ``program`` (this interpreter's ``loraplex.server.main``) with the adapter roots and ``flags``."""
-        command = [*program, "--port", "0", "--metrics-port", "0"]
+        command = [*program, "--port", "0", "--metrics-port", "0", "--http-port", "0"]
         for root in adapter_roots:
             command += ["--adapter-root", str(root)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -50,6 +53,8 @@ class ServerProcess:
         server = cls(process, log_path)
         try:
             server.port = int(server.wait_for_log(_LISTENING, timeout).group(2))
+            http = _HTTP_LISTENING.search(server.log())
+            server.http_port = int(http.group(2)) if http else 0
             if wait == "serving":
                 server.wait_for_log(re.compile(r"loraplex\.server: serving"), timeout)
         except BaseException:
@@ -60,6 +65,11 @@ class ServerProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP API's base URL (OpenAI clients take it with ``/v1`` appended)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
