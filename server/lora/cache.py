@@ -5,6 +5,12 @@ Tiers: *disk* (a directory under an adapter root) → *host* (validated ``Adapte
 ``adapters.device_bytes``). Reading from disk runs on loader threads, so a request whose adapter is not resident
 waits while every other request keeps generating.
 
+Device eviction: the idle adapters on the device (placed, unreferenced, unpinned) are kept in one LRU per pool,
+updated in O(1) on every acquire and release. A version that needs a slot when the device is full takes the slot
+of the least recently used idle adapter *of its own pool* (one slot write, no pool resize); only when its pool has
+none are the pools compacted, then the least recently used idle adapter of any pool evicted. Pinned adapters are
+tracked in their own set, so the per-step pass that places them never scans every adapter.
+
 Versions: loaded weights are immutable. Loading an id whose files changed creates a new :class:`AdapterVersion`;
 running sequences keep the version they hold (reference counts), new requests get the new one, and the old
 version's slot is freed when its last sequence finishes. ``unload`` takes the id out of service (requests get
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +38,7 @@ from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.types import AdapterInfo, ResidencyTier
 from loraplex.server.lora import format as peft_format
 from loraplex.server.lora.format import AdapterLimits, AdapterWeights
-from loraplex.server.lora.pool import DeviceSlots, DoraScales, Placement
+from loraplex.server.lora.pool import DeviceSlots, DoraScales, Placement, PoolKey
 from loraplex.server.lora.sources import (
     AdapterDirectoryMissing,
     AdapterOutsideRoot,
@@ -113,6 +120,10 @@ class AdapterManager:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._retired: list[AdapterVersion] = []
+        # Evictable versions on the device (current, unreferenced, unpinned) per pool, least recently used first:
+        # eviction takes the head in O(1), and an adapter evicts one of its own pool before any pool is resized.
+        self._idle: dict[PoolKey, OrderedDict[AdapterVersion, None]] = {}
+        self._pinned: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
         self._load_listeners: list[Callable[[], None]] = []
 
@@ -283,6 +294,7 @@ class AdapterManager:
 
     def _retire(self, version: AdapterVersion, reason: Retired) -> None:
         version.retired = reason
+        self._refresh_idle(version)
         self._retired.append(version)
         self._free_retired()
 
@@ -322,6 +334,8 @@ class AdapterManager:
                 version.requests_served += 1
             if version.retired is not None:
                 self._free_retired()
+            else:
+                self._refresh_idle(version)
 
     def acquire_resident(self, version: AdapterVersion) -> bool:
         """Puts ``version`` in a device slot (evicting idle adapters if needed) and takes a reference to it, in one
@@ -335,6 +349,7 @@ class AdapterManager:
             if version.retired is not None or not self._make_resident(version):
                 return False
             version.refs += 1
+            self._refresh_idle(version)
             return True
 
     def _make_resident(self, version: AdapterVersion) -> bool:
@@ -342,34 +357,51 @@ class AdapterManager:
         with self._lock:
             if version.placement is not None:
                 version.last_used = time.monotonic()
+                self._refresh_idle(version)
                 self.listener.adapter_lookup("device", True)
                 return True
             if version.weights is None or version.retired is not None:
                 return False
             started = time.perf_counter()
+            key = PoolKey.of(version.weights)
             placement = self.slots.place(version.weights, version.dora_scales)
+            # Room first in its own pool (an idle adapter of the same pool gives up its slot: no resize), then by
+            # compacting the pools, then from the least recently used idle adapter of any pool.
             while placement is None:
-                if self.slots.shrink() == 0 and not self._evict_one():
+                if not (self._evict_idle(key) or self.slots.shrink() or self._evict_idle(None)):
                     return False
                 placement = self.slots.place(version.weights, version.dora_scales)
             version.placement = placement
             version.last_used = time.monotonic()
+            self._refresh_idle(version)
             self.listener.adapter_lookup("device", False)
             self.listener.adapter_loaded("device", "ok", time.perf_counter() - started)
             return True
 
-    def _evict_one(self) -> bool:
-        candidates = [
-            entry.current
-            for entry in self._entries.values()
-            if entry.current is not None
-            and entry.current.placement is not None
-            and entry.current.refs == 0
-            and not entry.pinned
-        ]
-        if not candidates:
+    def _refresh_idle(self, version: AdapterVersion) -> None:
+        """Puts ``version`` at the recent end of its pool's idle LRU if it is evictable (placed, current,
+        unreferenced, unpinned), else takes it out; called after every change to one of those."""
+        if version.placement is None:
+            return
+        idle = self._idle.setdefault(version.placement.pool.key, OrderedDict())
+        entry = self._entries.get(version.adapter_id)
+        if version.refs == 0 and version.retired is None and entry is not None and not entry.pinned:
+            idle[version] = None
+            idle.move_to_end(version)
+        else:
+            idle.pop(version, None)
+
+    def _evict_idle(self, key: PoolKey | None) -> bool:
+        """Evicts the least recently used idle adapter of pool ``key`` (of any pool: None); False when none."""
+        if key is None:
+            heads = [(next(iter(idle)).last_used, k) for k, idle in self._idle.items() if idle]
+            if not heads:
+                return False
+            key = min(heads, key=lambda head: head[0])[1]
+        idle = self._idle.get(key)
+        if not idle:
             return False
-        victim = min(candidates, key=lambda v: v.last_used)
+        victim, _ = idle.popitem(last=False)
         assert victim.placement is not None
         self.slots.release(victim.placement)
         victim.placement = None
@@ -378,11 +410,13 @@ class AdapterManager:
         return True
 
     def place_pinned(self) -> None:
-        """Engine tick: pinned adapters that are in memory but not on the device get a slot if one can be made."""
+        """Engine tick: pinned adapters that are in memory but not on the device get a slot if one can be made
+        (a look at the pinned ones only, never a scan of every adapter)."""
         with self._lock:
-            for entry in self._entries.values():
-                if entry.pinned and entry.current is not None and entry.current.placement is None:
-                    self._make_resident(entry.current)
+            for adapter_id in self._pinned:
+                current = self._entries[adapter_id].current
+                if current is not None and current.placement is None:
+                    self._make_resident(current)
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -395,16 +429,14 @@ class AdapterManager:
         with self._lock:
             directory = self._directory(adapter_id)
             entry = self._entry(adapter_id)
-            if pin:
-                pinned = sum(1 for e in self._entries.values() if e.pinned and e is not entry)
-                if pinned + 1 >= self.slots.max_slots:
-                    raise InvalidRequest(
-                        f"cannot pin more than {self.slots.max_slots - 1} adapters (adapters.device_slots - 1 keeps "
-                        "one slot for unpinned traffic); unpin one first"
-                    )
+            if pin and len(self._pinned - {adapter_id}) + 1 >= self.slots.max_slots:
+                raise InvalidRequest(
+                    f"cannot pin more than {self.slots.max_slots - 1} adapters (adapters.device_slots - 1 keeps "
+                    "one slot for unpinned traffic); unpin one first"
+                )
             entry.unloaded = False
             if pin is not None:
-                entry.pinned = pin
+                self._set_pinned(entry, pin)
             if entry.loading is not None:
                 return entry.loading
             entry.rejected = None
@@ -417,7 +449,7 @@ class AdapterManager:
             if entry is None or entry.unloaded or (entry.current is None and entry.loading is None):
                 raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
             entry.unloaded = True
-            entry.pinned = False
+            self._set_pinned(entry, False)
             current = entry.current
             entry.current = None
             if current is None:
@@ -430,7 +462,16 @@ class AdapterManager:
             entry = self._entries.get(adapter_id)
             if entry is None or entry.unloaded or entry.current is None:
                 raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
-            entry.pinned = pinned
+            self._set_pinned(entry, pinned)
+
+    def _set_pinned(self, entry: _Entry, pinned: bool) -> None:
+        entry.pinned = pinned
+        if pinned:
+            self._pinned.add(entry.adapter_id)
+        else:
+            self._pinned.discard(entry.adapter_id)
+        if entry.current is not None:
+            self._refresh_idle(entry.current)
 
     def _tier(self, entry: _Entry, version: AdapterVersion) -> ResidencyTier:
         if version.placement is not None:

@@ -1,5 +1,8 @@
-"""Adapter residency against retirement on other threads: a version a sequence acquired keeps its device slot
-through an unload or a replace until the sequence releases it, and a retired version is never acquired.
+"""Adapter residency: which adapter gives up its device slot, and retirement on other threads.
+
+A version a sequence acquired keeps its device slot through an unload or a replace until the sequence releases it,
+and a retired version is never acquired. When the device is full, an adapter takes the slot of the least recently
+used idle adapter of its own pool (no pool resize) before any other pool is compacted or evicted from.
 
 The real :class:`AdapterManager` over real adapter files; the engine thread's side (lookup, acquire, release) and
 the admin side (unload, load, replace) run on their own threads, as in the server.
@@ -18,7 +21,7 @@ import torch
 from loraplex.server.engine.errors import AdapterNotFound
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion, Retired
 from loraplex.server.lora.format import AdapterLimits
-from loraplex.server.lora.pool import DeviceSlots
+from loraplex.server.lora.pool import DeviceSlots, PoolKey, SlotPool
 from loraplex.server.lora.sources import AdapterRoots
 from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import write_adapter
@@ -35,14 +38,75 @@ SHAPE = ModelShape(
 )
 
 
+def _manager(root: Path, max_slots: int, max_bytes: int = 1 << 30) -> AdapterManager:
+    slots = DeviceSlots(SHAPE, max_slots, max_bytes, dtype=torch.float32, device=torch.device("cpu"))
+    return AdapterManager(
+        AdapterRoots.of([root]), SHAPE, AdapterLimits(max_rank=64, max_file_bytes=1 << 30), slots, 1 << 30, 1
+    )
+
+
 @pytest.fixture
 def manager(tmp_path: Path) -> AdapterManager:
     for seed, name in enumerate(("a", "b")):
         write_adapter(tmp_path / name, SHAPE, 8, seed=seed)
-    slots = DeviceSlots(SHAPE, max_slots=2, max_bytes=1 << 30, dtype=torch.float32, device=torch.device("cpu"))
-    return AdapterManager(
-        AdapterRoots.of([tmp_path]), SHAPE, AdapterLimits(max_rank=64, max_file_bytes=1 << 30), slots, 1 << 30, 1
+    return _manager(tmp_path, max_slots=2)
+
+
+def _slot_bytes(rank: int) -> int:
+    return SlotPool.bytes_per_slot(PoolKey(rank, ("q_proj", "v_proj"), False), SHAPE, 4)
+
+
+@pytest.fixture
+def two_pools(tmp_path: Path) -> tuple[AdapterManager, dict[str, AdapterVersion]]:
+    """A device budget of exactly four rank-8 slots and one rank-16 slot, all filled: a1-a4 (rank 8) and b1
+    (rank 16, placed first, so the least recently used), none referenced; a5 (rank 8) is in memory, not placed."""
+    names = {"b1": 16, "a1": 8, "a2": 8, "a3": 8, "a4": 8, "a5": 8}
+    for seed, (name, rank) in enumerate(names.items()):
+        write_adapter(tmp_path / name, SHAPE, rank, seed=seed)
+    manager = _manager(tmp_path, max_slots=8, max_bytes=4 * _slot_bytes(8) + _slot_bytes(16))
+    versions = {name: manager.lookup(name).result(10) for name in names}
+    for name in list(names)[:-1]:
+        assert manager.acquire_resident(versions[name]), name
+        manager.release(versions[name], served=False)
+    assert manager.slots.allocated_bytes == manager.slots.max_bytes
+    return manager, versions
+
+
+def test_full_device_evicts_from_the_adapters_own_pool_without_resizing(
+    two_pools: tuple[AdapterManager, dict[str, AdapterVersion]],
+) -> None:
+    manager, versions = two_pools
+    pool = versions["a1"].placement.pool  # type: ignore[union-attr]
+    stack, slot = pool.a["q_proj"][0], versions["a1"].placement.slot  # type: ignore[union-attr]
+    assert manager.acquire_resident(versions["a5"])
+    assert versions["a1"].placement is None  # the least recently used of its own pool
+    assert versions["b1"].placement is not None  # older, but in another pool: evicting it would force a resize
+    placed = versions["a5"].placement
+    assert placed is not None and placed.pool is pool and placed.slot == slot
+    assert pool.capacity == 4 and pool.a["q_proj"][0] is stack  # the pool was neither grown nor copied
+    torch.testing.assert_close(
+        stack[slot][:, :8],
+        manager.lookup("a5").result(10).weights.modules[(0, "q_proj")].a.T,  # type: ignore[union-attr]
     )
+
+
+def test_full_device_evicts_another_pools_adapter_when_its_own_are_all_in_use(
+    two_pools: tuple[AdapterManager, dict[str, AdapterVersion]],
+) -> None:
+    manager, versions = two_pools
+    for name in ("a1", "a2", "a3", "a4"):
+        assert manager.acquire_resident(versions[name])  # running: not evictable
+    assert manager.acquire_resident(versions["a5"])
+    assert versions["b1"].placement is None
+    assert all(versions[name].placement is not None for name in ("a1", "a2", "a3", "a4", "a5"))
+    assert manager.slots.allocated_bytes <= manager.slots.max_bytes
+
+
+def test_pinned_adapter_is_never_evicted(two_pools: tuple[AdapterManager, dict[str, AdapterVersion]]) -> None:
+    manager, versions = two_pools
+    manager.set_pinned("a1", True)
+    assert manager.acquire_resident(versions["a5"])
+    assert versions["a1"].placement is not None and versions["a2"].placement is None  # the next least recent
 
 
 def test_acquired_version_keeps_its_slot_through_unload(manager: AdapterManager) -> None:
