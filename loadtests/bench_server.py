@@ -158,7 +158,7 @@ def prepare_adapters(name: str, shape: ModelShape, count: int = DISTINCT_ADAPTER
     interrupted write is redone."""
     import torch
 
-    from loraplex.server.lora.synthetic import write_adapter
+    from loadtests.synthetic_adapters import write_adapter
 
     spec, root, ids = SHAPES[name], adapter_root(name, shape), set_ids(name, count)
     for seed, adapter_id in enumerate(ids):

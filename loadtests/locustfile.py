@@ -9,7 +9,7 @@ Users (pick some by class name on the command line, or run them all; ``--admin-u
   AdminUser   loads, replaces (rewrites the files under --churn-root, then LoadAdapter: a new version) and unloads
               adapters reserved for churn (--churn-prefix), never the ones the other users send traffic to
 
-Adapters: --adapter-count ids PREFIX0000... (the names ``python -m loraplex.server.lora.synthetic`` writes), chosen
+Adapters: --adapter-count ids PREFIX0000... (the names ``python -m loadtests.synthetic_adapters`` writes), chosen
 with Zipf popularity (--zipf-s; 0 = uniform). Prompt length in words and max_new_tokens come from distributions
 (--prompt-words, --max-new-tokens; see loadtests/workload.py). Every option also reads LORAPLEX_LOADTEST_<NAME>.
 

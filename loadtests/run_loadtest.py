@@ -26,10 +26,10 @@ from transformers import AutoConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.support: the server launcher shared with the integration tests
 
+from loadtests.synthetic_adapters import QV, write_adapter  # noqa: E402
 from loadtests.workload import adapter_ids  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
 from loraplex.server.lora.format import CONFIG_FILE  # noqa: E402
-from loraplex.server.lora.synthetic import QV, write_adapter  # noqa: E402
 from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
 from loraplex.server.model.shape import ModelShape  # noqa: E402
 from tests.support.server_process import ServerProcess  # noqa: E402

@@ -97,7 +97,7 @@ class Popularity:
 
 
 def adapter_ids(prefix: str, count: int) -> list[str]:
-    """The ids ``python -m loraplex.server.lora.synthetic --prefix PREFIX`` writes: PREFIX0000, PREFIX0001, ..."""
+    """The ids ``python -m loadtests.synthetic_adapters --prefix PREFIX`` writes: PREFIX0000, PREFIX0001, ..."""
     return [f"{prefix}{index:04d}" for index in range(count)]
 
 

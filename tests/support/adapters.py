@@ -1,12 +1,12 @@
-"""Synthetic PEFT adapters for tests: the package's writer, re-exported under the name the tests use, and a writer
-of whole named sets."""
+"""Synthetic PEFT adapters for tests: the load tests' writer (``loadtests/synthetic_adapters.py``) under the name
+the tests use, and a writer of whole named sets."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from loraplex.server.lora.synthetic import ALL_LINEAR, QV, write_adapter
+from loadtests.synthetic_adapters import ALL_LINEAR, QV, write_adapter
 from loraplex.server.model.shape import ModelShape
 
 __all__ = ["ALL_LINEAR", "QV", "write_adapter", "write_adapter_set"]

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import torch
 
+from loadtests.random_model import write_random_llama
 from loraplex.server.config import ModelSettings
 from loraplex.server.engine.types import GenerationRequest, SamplingParams
 from loraplex.server.lora.ops import LoraBackend, lora_delta, lora_delta_reference, select_kernels
 from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import quantization_config
-from loraplex.server.model.random_model import write_random_llama
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
 from tests.support.peft_oracle import peft_generate, peft_logits

@@ -10,8 +10,8 @@ import torch
 from safetensors.numpy import load_file
 
 from loadtests.adapter_files import WEIGHTS_FILE, rewrite_weights
+from loadtests.synthetic_adapters import write_adapter
 from loraplex.server.lora import format as peft_format
-from loraplex.server.lora.synthetic import write_adapter
 from loraplex.server.model.shape import ModelShape
 
 SHAPE = ModelShape(

@@ -1,7 +1,7 @@
 """Random-weight Llama models of real shapes, written as HF model directories: benchmarks and GPU checks need
 the shape of an 8B model, not its knowledge, and nothing may be downloaded.
 
-    python -m loraplex.server.model.random_model OUT_DIR --preset llama-8b --dtype bfloat16 --device cuda
+    python -m loadtests.random_model OUT_DIR --preset llama-8b --dtype bfloat16 --device cuda
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Weights are random but deterministic per seed, large enough that an adapter changes the base's greedy output.
 PEFT loads these directories unchanged (tests use PEFT as the oracle), and so does the server.
 
-    python -m loraplex.server.lora.synthetic OUT_DIR --count 100 --rank 8 --targets q_proj,v_proj
+    python -m loadtests.synthetic_adapters OUT_DIR --count 100 --rank 8 --targets q_proj,v_proj
 """
 
 from __future__ import annotations

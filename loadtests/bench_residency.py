@@ -1,0 +1,105 @@
+"""Device-residency micro-benchmark: what placing adapters costs the engine thread when the device is full.
+
+The real :class:`AdapterManager` and device slots, on the embedded base's shape, without the model: ``--adapters``
+q,v float16 adapters of mixed ranks (8, 16, 32, 64 in turn, so four pools compete for the byte budget) are read
+into the host cache first; then ``--placements`` uniformly drawn adapters are each made resident and acquired, then
+released, as the scheduler does at admission. Every placement that misses the device runs on the engine thread,
+between steps, so its time is time every running request waits. Printed: total engine-thread time, p50 / p99 / max
+per placement, evictions, and how much of the budget was in use.
+
+    python loadtests/bench_residency.py                      # 64 adapters, 200 MiB budget, 600 placements
+    python loadtests/bench_residency.py --device-mib 1000    # slot-count bound instead of byte bound
+
+Run it from two checkouts (before / after a change) one after the other to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # loadtests.*: this file's siblings
+
+from loadtests.run_loadtest import embedded_shape  # noqa: E402
+from loadtests.synthetic_adapters import write_adapter  # noqa: E402
+from loraplex.server.config import default_cache_dir  # noqa: E402
+from loraplex.server.engine.events import EngineListener, Tier  # noqa: E402
+from loraplex.server.lora.cache import AdapterManager  # noqa: E402
+from loraplex.server.lora.format import AdapterLimits  # noqa: E402
+from loraplex.server.lora.pool import DeviceSlots  # noqa: E402
+from loraplex.server.lora.sources import AdapterRoots  # noqa: E402
+
+RANKS = (8, 16, 32, 64)
+
+
+class EvictionCount(EngineListener):
+    def __init__(self) -> None:
+        self.evictions = 0
+
+    def adapter_evicted(self, tier: Tier) -> None:
+        self.evictions += tier == "device"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--placements", type=int, default=600)
+    parser.add_argument("--device-slots", type=int, default=32)
+    parser.add_argument("--device-mib", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", type=Path, default=default_cache_dir() / "residency-adapters")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    shape = embedded_shape()
+    ids = [f"m{i:03d}" for i in range(args.adapters)]
+    for index, adapter_id in enumerate(ids):
+        if not (args.root / adapter_id / "adapter_config.json").exists():
+            write_adapter(args.root / adapter_id, shape, RANKS[index % 4], seed=index, dtype=torch.float16)
+    budget = args.device_mib << 20
+    slots = DeviceSlots(shape, args.device_slots, budget, torch.float32, torch.device("cpu"))
+    listener = EvictionCount()
+    manager = AdapterManager(
+        AdapterRoots.of([args.root]), shape, AdapterLimits(128, 1 << 30), slots, 8 << 30, 1, listener=listener
+    )
+    versions = {adapter_id: manager.lookup(adapter_id).result() for adapter_id in ids}
+    chooser = random.Random(args.seed)
+    times: list[float] = []
+    peak = 0
+    for _ in range(args.placements):
+        version = versions[chooser.choice(ids)]
+        started = time.perf_counter()
+        if not manager.acquire_resident(version):
+            raise RuntimeError(f"{version.adapter_id} could not be placed")
+        times.append((time.perf_counter() - started) * 1e3)
+        peak = max(peak, slots.allocated_bytes)
+        manager.release(version, served=False)
+    manager.shutdown()
+    times.sort()
+    figures = {
+        "adapters": args.adapters,
+        "placements": args.placements,
+        "device_slots": args.device_slots,
+        "device_mib": args.device_mib,
+        "engine_thread_ms_total": round(sum(times), 1),
+        "p50_ms": round(statistics.median(times), 2),
+        "p99_ms": round(times[int(0.99 * (len(times) - 1))], 2),
+        "max_ms": round(times[-1], 2),
+        "evictions": listener.evictions,
+        "peak_allocated_mib": round(peak / 2**20, 1),
+    }
+    print(json.dumps(figures))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
