@@ -17,7 +17,13 @@ from loraplex.server.api.http.errors import InvalidField
 from loraplex.server.api.http.schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from loraplex.server.api.state import ServingState
 from loraplex.server.engine.errors import AdapterNotFound
-from loraplex.server.lora.sources import AdapterDirectoryMissing, AdapterOutsideRoot, AdapterRoots, InvalidAdapterId
+from loraplex.server.lora.sources import (
+    AdapterDirectoryMissing,
+    AdapterOutsideRoot,
+    AdapterRoots,
+    InvalidAdapterId,
+    validate_adapter_id,
+)
 
 LOAD_PATH = "/v1/load_lora_adapter"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
@@ -50,6 +56,10 @@ async def load(
 ) -> dict[str, Any]:
     tenant.check_admin(LOAD_PATH)
     tenant.check_adapter(body.lora_name)
+    try:
+        validate_adapter_id(body.lora_name)
+    except InvalidAdapterId as exc:
+        raise InvalidField(str(exc), "lora_name") from None
     if body.lora_path:
         check_path(roots, body.lora_name, body.lora_path)
     await load_adapter(state, tenant, body.lora_name, body.pin)
