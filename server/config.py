@@ -127,6 +127,12 @@ class EngineSettings(_Section):
     max_stop_length: int = Field(256, ge=1, description="characters per stop string")
     max_stream_backlog: int = Field(1024, ge=1, description="undelivered events before a slow reader is cancelled")
     idle_poll_s: float = Field(0.05, gt=0, description="how long the idle engine loop sleeps between inbox checks")
+    lora_dtype: Literal["auto", "float32", "model"] = Field(
+        "auto",
+        description="dtype of the adapters' device slot stacks: auto is float32 on CPU (one-row-per-adapter "
+        "matmuls in bfloat16 run at about half the float32 speed there, measured in loadtests/BENCHMARKS.md) and the "
+        "model's dtype elsewhere; float32 doubles the adapter bytes of a bfloat16 model within adapters.device_bytes",
+    )
     lora_kernel: Literal["auto", "grouped", "gather"] = Field(
         "auto",
         description="batched LoRA kernel: auto picks per layer call from its shape (gather for decode over distinct "

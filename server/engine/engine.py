@@ -53,7 +53,7 @@ from loraplex.server.engine.types import (
 )
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion
 from loraplex.server.lora.format import AdapterLimits
-from loraplex.server.lora.ops import select_kernels
+from loraplex.server.lora.ops import lora_stack_dtype, select_kernels
 from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.lora.sources import AdapterRoots
 from loraplex.server.model.dora import dora_scales_for
@@ -187,7 +187,8 @@ class Engine:
             base.device,
             eng.kv_block_size,
         )
-        self.slots = DeviceSlots(shape, ad.device_slots, ad.device_bytes, base.dtype, base.device)
+        lora_dtype = lora_stack_dtype(base.device, base.dtype, eng.lora_dtype)
+        self.slots = DeviceSlots(shape, ad.device_slots, ad.device_bytes, lora_dtype, base.device)
         self.adapters = AdapterManager(
             roots=AdapterRoots.of(ad.roots),
             shape=shape,
@@ -199,7 +200,7 @@ class Engine:
             dora_scales_fn=lambda weights: dora_scales_for(base, weights),
             listener=self.listener,
         )
-        self.lora_kernels = select_kernels(base.device, base.dtype, eng.lora_kernel)
+        self.lora_kernels = select_kernels(base.device, lora_dtype, eng.lora_kernel)
         self.forward = DecoderForward(base, self.kv, self.lora_kernels)
         self.scheduler = Scheduler(eng, self.kv, self.adapters)
         self.tokenizer = base.tokenizer
@@ -223,8 +224,9 @@ class Engine:
         self.adapters.add_load_listener(self._wake.set)
         self.steps = 0
         log.info(
-            "engine ready: LoRA kernels %s, KV cache %d tokens in blocks of %d (%.0f MiB)",
+            "engine ready: LoRA kernels %s over %s slot stacks, KV cache %d tokens in blocks of %d (%.0f MiB)",
             self.lora_kernels.describe(),
+            str(self.slots.dtype).removeprefix("torch."),
             self.kv.capacity,
             self.kv.block_size,
             self.kv.nbytes / 2**20,
@@ -672,6 +674,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         "dtype": str(base.dtype).removeprefix("torch."),
         "quantization": base.quantization,
         "lora_kernels": engine.lora_kernels.describe(),
+        "lora_dtype": str(engine.slots.dtype).removeprefix("torch."),
         "attention": "paged: one SDPA call per layer (padded or flat layout per step)",
         "kv_cache_tokens": engine.kv.capacity,
         "kv_block_size": engine.kv.block_size,

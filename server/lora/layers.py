@@ -1,8 +1,10 @@
 """LoRA-aware linear layers: a base linear (float, int8 or nf4) plus the batched deltas of the step's pools.
 
 The base module runs once over all rows; each pool segment whose pool targets this module adds its delta to its
-row range through the kernel :class:`LoraKernels` picks for that segment's shape. No probing of module types on
-the hot path: the wrapper knows its layer index, module name and bias at construction.
+row range through the kernel :class:`LoraKernels` picks for that segment's shape. The slot stacks may hold another
+dtype than the base (float32 LoRA on a bfloat16 base on CPU): the rows are cast to it and the delta added back.
+No probing of module types on the hot path: the wrapper knows its layer index, module name and bias at
+construction.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class LoraLinear:
             rows = slice(segment.start, segment.end)
             backend = self._kernels.choose(segment.end - segment.start, segment.groups, segment.window)
             a, b = stacks_a[self.layer], pool.b[self.module][self.layer]
-            delta = lora_delta(backend, x[rows], a, b, segment.slots, segment.group_ends, segment.window)
+            delta = lora_delta(backend, x[rows].to(a.dtype), a, b, segment.slots, segment.group_ends, segment.window)
             if pool.key.dora:
                 scale = pool.dora[self.module][self.layer].index_select(0, segment.slots)
                 y[rows] = apply_dora(y[rows], delta, self.bias, scale)

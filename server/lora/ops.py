@@ -172,6 +172,17 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def lora_stack_dtype(device: torch.device, model_dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
+    """The dtype of the slot stacks (and so of the LoRA math): ``float32``, ``model`` (the base's dtype), or
+    ``auto``: float32 on CPU, where bf16 ``bmm`` over one row per adapter is about 2x slower than float32 even with
+    the cast of the rows in and out, and the model's dtype on accelerators."""
+    if requested == "float32" or (requested == "auto" and device.type == "cpu"):
+        return torch.float32
+    if requested in ("auto", "model"):
+        return model_dtype
+    raise ValueError(f"engine.lora_dtype={requested!r}: use auto, float32 or model")
+
+
 def select_kernels(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> LoraKernels:
     """The kernel rule for this device and dtype: ``auto`` (by shape on CPU; grouped where it works on CUDA), or
     one kernel forced (``grouped`` / ``gather``)."""

@@ -14,7 +14,7 @@ import torch
 from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import select_kernels
+from loraplex.server.lora.ops import lora_stack_dtype, select_kernels
 from loraplex.server.lora.pool import DeviceSlots, Placement
 from loraplex.server.model.attention import SequenceSpan, plan_attention
 from loraplex.server.model.dora import dora_scales_for
@@ -23,14 +23,16 @@ from loraplex.server.model.loader import LoadedBase
 
 
 def mixed_prefill_logits(
-    base: LoadedBase, adapter_root: Path, rows: Sequence[tuple[str | None, str]]
+    base: LoadedBase, adapter_root: Path, rows: Sequence[tuple[str | None, str]], lora_dtype: str = "auto"
 ) -> tuple[list[tuple[str | None, str]], torch.Tensor, set[object]]:
     """``rows`` of (adapter name or None, prompt) in one pass; returns the rows in batch order (the engine's order:
-    by pool and slot, base rows last), their last-token float32 logits ``[rows, vocab]`` and the pool keys used."""
+    by pool and slot, base rows last), their last-token float32 logits ``[rows, vocab]`` and the pool keys used.
+    ``lora_dtype`` is ``engine.lora_dtype``."""
     shape = base.shape
-    slots = DeviceSlots(shape, max_slots=16, max_bytes=8 << 30, dtype=base.dtype, device=base.device)
+    stack_dtype = lora_stack_dtype(base.device, base.dtype, lora_dtype)
+    slots = DeviceSlots(shape, max_slots=16, max_bytes=8 << 30, dtype=stack_dtype, device=base.device)
     kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, 4096, base.dtype, base.device)
-    forward = DecoderForward(base, kv, select_kernels(base.device, base.dtype))
+    forward = DecoderForward(base, kv, select_kernels(base.device, stack_dtype))
     limits = AdapterLimits(max_rank=128, max_file_bytes=1 << 30)
     placements: dict[str, Placement] = {}
     for name in sorted({name for name, _ in rows if name is not None}):

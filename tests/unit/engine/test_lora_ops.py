@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from loraplex.server.lora.format import AdapterLimits, read_adapter
+from loraplex.server.lora.layers import LoraLinear
+from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import (
     LoraBackend,
     LoraKernels,
@@ -15,8 +20,14 @@ from loraplex.server.lora.ops import (
     lora_delta_grouped,
     lora_delta_reference,
     lora_delta_window,
+    lora_stack_dtype,
     select_kernels,
 )
+from loraplex.server.lora.pool import DeviceSlots
+from loraplex.server.model.shape import ModelShape
+from tests.support.adapters import write_adapter
+
+CPU = torch.device("cpu")
 
 CASES = [
     # (tokens, slots, rank, fan_in, fan_out)
@@ -126,3 +137,49 @@ def test_forced_and_unavailable_kernels() -> None:
         select_kernels(torch.device("cpu"), torch.float64, requested="grouped")
     assert LoraKernels(grouped_works=False, by_shape=True).choose(rows=512, groups=1) is LoraBackend.GATHER
     assert LoraKernels(grouped_works=True, by_shape=False).choose(rows=32, groups=32) is LoraBackend.GROUPED
+
+
+def test_lora_stack_dtype_rule() -> None:
+    cuda = torch.device("cuda")
+    assert lora_stack_dtype(CPU, torch.bfloat16) is torch.float32  # auto on CPU
+    assert lora_stack_dtype(cuda, torch.bfloat16) is torch.bfloat16  # auto elsewhere: the model's dtype
+    assert lora_stack_dtype(CPU, torch.bfloat16, "model") is torch.bfloat16
+    assert lora_stack_dtype(cuda, torch.bfloat16, "float32") is torch.float32
+    with pytest.raises(ValueError, match="use auto, float32 or model"):
+        lora_stack_dtype(CPU, torch.float32, "float16")
+
+
+def test_float32_stacks_under_a_bfloat16_base_add_the_float32_delta(tmp_path: Path) -> None:
+    """A bf16 base linear with float32 slot stacks: the rows are cast to float32 for the LoRA math and its delta is
+    added to the bf16 output, for every kernel (decode window, gather, grouped prefill)."""
+    shape = ModelShape("llama", 64, 2, 4, 2, 16, 128, 100)
+    weights = [
+        read_adapter(
+            name,
+            write_adapter(tmp_path / name, shape, 8, seed=seed),
+            shape,
+            AdapterLimits(max_rank=64, max_file_bytes=1 << 30),
+        )
+        for seed, name in enumerate(("a", "b", "c"))
+    ]
+    slots = DeviceSlots(shape, 8, 1 << 30, torch.float32, CPU)
+    placements = [slots.place(w) for w in weights]
+    assert all(placement is not None for placement in placements)
+    base = torch.nn.Linear(64, 64, bias=True).to(torch.bfloat16)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    for rows in ([(0, 1), (1, 1), (2, 1)], [(0, 2), (1, 2), (2, 2)], [(0, 6)]):  # window, gather, grouped
+        mapping = LoraMapping.build([(placements[i].pool, placements[i].slot, n) for i, n in rows], CPU)  # type: ignore[union-attr]
+        n_rows = sum(n for _, n in rows)
+        for backend in (LoraBackend.WINDOW, LoraBackend.GATHER, LoraBackend.GROUPED):
+            kernels = LoraKernels(grouped_works=True, by_shape=False, forced=backend)
+            if backend is LoraBackend.WINDOW and mapping.segments[0].window is None:
+                continue
+            got = LoraLinear(base, 1, "q_proj", kernels)(x[:n_rows], mapping)
+            assert got.dtype is torch.bfloat16
+            want = base(x[:n_rows]).float()
+            row = 0
+            for index, count in rows:
+                module = weights[index].modules[(1, "q_proj")]
+                want[row : row + count] += (x[row : row + count].float() @ module.a.T) @ module.b.T
+                row += count
+            torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=2e-2)
