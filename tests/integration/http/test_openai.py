@@ -31,6 +31,7 @@ from tests.integration.http.conftest import (
     post,
     start_server,
 )
+from tests.integration.routing.conftest import scrape
 from tests.support.server_process import ServerProcess
 
 ROUTE = "checkout-ab"
@@ -286,6 +287,28 @@ def test_the_sdk_raises_its_typed_errors(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         chat(oai, "alpha", n=3)
     assert bad.value.param == "n"
+
+
+def _cancelled(server: ServerProcess) -> float:
+    """Requests that ended cancelled, whatever their labels (the adapter label is bounded)."""
+    lines = [line for line in scrape(server).splitlines() if line.startswith("loraplex_requests_total{")]
+    return sum(float(line.split()[-1]) for line in lines if 'status="cancelled"' in line)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_request(server: ServerProcess, grpc_client: Client) -> None:
+    before = _cancelled(server)
+    body = {"model": "gamma", "messages": CHAT, "max_tokens": MAX_NEW_TOKENS, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.http_url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert [next(lines).startswith("data: {") for _ in range(3)] == [True, False, True]
+    started = time.monotonic()
+    while (status := grpc_client.status()).active_streams + status.running_requests > 0:
+        assert time.monotonic() - started < 10, status
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while _cancelled(server) != before + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_draining_answers_503_while_accepted_streams_finish(server: ServerProcess) -> None:
