@@ -129,17 +129,26 @@ def plan_attention(
     return _flat_plan(spans, block_size, device)
 
 
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision queries on CPU: there SDPA in bfloat16 runs 4-7x slower than in float32 at decode
+    shapes (32 sequences of 57-300 keys, measured in loadtests/BENCHMARKS.md), casts included; else ``q``'s dtype."""
+    return torch.float32 if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """``q [T, heads, head_dim]`` against the planned slots of ``k_cache/v_cache [slots, kv_heads, head_dim]``;
     returns ``[T, heads, head_dim]``."""
     entries, queries, width = plan.shape
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
-    keys = k_cache.index_select(0, plan.key_slots).view(entries, width, kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, plan.key_slots).view(entries, width, kv_heads, head_dim).transpose(1, 2)
+    compute = _compute_dtype(q)
+    keys = k_cache.index_select(0, plan.key_slots).to(compute)
+    values = v_cache.index_select(0, plan.key_slots).to(compute)
+    keys = keys.view(entries, width, kv_heads, head_dim).transpose(1, 2)
+    values = values.view(entries, width, kv_heads, head_dim).transpose(1, 2)
     query = q.index_select(0, plan.query_rows) if plan.query_rows is not None else q
-    query = query.view(entries, queries, q.shape[1], head_dim).transpose(1, 2)  # [B, heads, Q, head_dim]
+    query = query.to(compute).view(entries, queries, q.shape[1], head_dim).transpose(1, 2)  # [B, heads, Q, dim]
     attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=plan.mask, enable_gqa=True)
-    out = attended.transpose(1, 2).reshape(entries * queries, q.shape[1], head_dim)
+    out = attended.transpose(1, 2).reshape(entries * queries, q.shape[1], head_dim).to(q.dtype)
     if plan.output_rows is not None:
         out = out.index_select(0, plan.output_rows)
     return out

@@ -107,3 +107,16 @@ def test_random_steps_match_reference() -> None:
         for layout in ("auto", *FORCED):
             got = attend(q, k, v, plan_attention(spans, BLOCK, CPU, layout))
             assert torch.allclose(got, want, atol=1e-5), (trial, layout)
+
+
+@pytest.mark.parametrize("layout", FORCED)
+def test_bfloat16_attends_in_float32_on_cpu(layout: Layout) -> None:
+    """Half-precision queries and caches on CPU are attended in float32 and come back in their own dtype: the
+    result is float32's on the same (bf16-rounded) values, within one bf16 rounding of the output."""
+    spans = _spans(STEPS["mixed"], num_blocks=64, seed=5)
+    rows = sum(span.length for span in spans)
+    q, k, v = (t.to(torch.bfloat16) for t in _tensors(rows, 64, seed=4))
+    got = attend(q, k, v, plan_attention(spans, BLOCK, CPU, layout))
+    assert got.dtype is torch.bfloat16
+    want = reference_attention(q.float(), k.float(), v.float(), spans, BLOCK)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
