@@ -142,7 +142,9 @@ def attach_engine(telemetry: Telemetry, engine: Engine) -> None:
         "base_model": engine.base.name,
         "quantization": engine.base.quantization,
     }
-    telemetry.attach_engine(engine.stats, engine.settings.engine.max_queue, manifest_of, build)
+    telemetry.attach_engine(
+        engine.stats, engine.settings.engine.max_queue, manifest_of, build, adapters=engine.list_adapters
+    )
 
 
 async def serve(settings: Settings, handoff: EngineHandoff) -> int:

@@ -459,14 +459,19 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            live = len(self._live)
+            live = [(seq.request.adapter_id, seq.status) for seq in self._live.values()]
+        running = {adapter for adapter, status in live if adapter and status is Status.RUNNING}
+        waiting = {adapter for adapter, status in live if adapter and status is Status.WAITING}
         on_device, on_host = self.adapters.counts()
         return EngineStats(
             running=self._running_count,
-            waiting=max(0, live - self._running_count),
+            waiting=max(0, len(live) - self._running_count),
             kv_cache_usage=self.kv.usage,
             adapters_on_device=on_device,
             adapters_on_host=on_host,
+            running_adapters=tuple(sorted(running)),
+            waiting_adapters=tuple(sorted(waiting)),
+            device_slots=self.settings.adapters.device_slots,
         )
 
     # ----------------------------------------------------------------------------------------------- admin

@@ -124,3 +124,6 @@ class EngineStats:
     kv_cache_usage: float  # 0..1
     adapters_on_device: int
     adapters_on_host: int
+    running_adapters: tuple[str, ...] = ()  # sorted ids of adapters with a running request
+    waiting_adapters: tuple[str, ...] = ()  # sorted ids of adapters with a waiting request (vLLM: may also be running)
+    device_slots: int = 0  # adapters.device_slots: adapters the device holds at once

@@ -8,6 +8,7 @@ ten-minute generations. The ``adapter`` label is bounded by :class:`~loraplex.se
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -15,10 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loraplex.server.engine.types import EngineStats
+from loraplex.server.engine.types import AdapterInfo, EngineStats, ResidencyTier
 from loraplex.server.observability.drift import DriftScore
 
 REQUEST_LABELS = ("adapter", "route", "variant")
+# vLLM's adapter-activity gauge, the shape LoRA-aware routers read (the Gateway API Inference Extension's
+# model-server protocol, its endpoint picker's --lora-info-metric): one series, valued at the scrape's wall-clock
+# time, whose labels list the adapters with running and with waiting requests and the device's adapter slots.
+LORA_INFO_LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
+_RESIDENT_ORDER = {ResidencyTier.DEVICE: 0, ResidencyTier.HOST: 1}
 TIERS = ("host", "device")
 LOAD_OUTCOMES = ("ok", "rejected", "error")
 
@@ -147,8 +153,10 @@ class RouteGauges:
 class StateCollector(Collector):
     """Gauges read at scrape time from the engine, the routes and the drift detectors (each set when available)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_adapter_series: int = 100) -> None:
         self.engine_stats: Callable[[], EngineStats] | None = None
+        self.adapters: Callable[[], Iterable[AdapterInfo]] | None = None
+        self.max_adapter_series = max_adapter_series  # observability.max_adapter_labels
         self.queue_capacity = 0
         self.routes: Callable[[], Iterable[RouteGauges]] | None = None
         self.drift: Callable[[], Iterable[DriftScore]] | None = None
@@ -156,6 +164,8 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         if self.engine_stats is not None:
             yield from self._engine(self.engine_stats())
+        if self.adapters is not None:
+            yield self._residency(self.adapters())
         if self.routes is not None:
             yield from self._routes(list(self.routes()))
         if self.drift is not None:
@@ -183,6 +193,30 @@ class StateCollector(Collector):
         resident.add_metric(("device",), stats.adapters_on_device)
         resident.add_metric(("host",), stats.adapters_on_host)
         yield resident
+        lora = GaugeMetricFamily(
+            "loraplex_lora_requests_info",
+            "Adapters with running and waiting requests and the device's adapter slots, as vLLM's "
+            "vllm:lora_requests_info (value: the scrape's Unix time)",
+            labels=LORA_INFO_LABELS,
+        )
+        running, waiting = ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)
+        lora.add_metric((running, waiting, str(stats.device_slots)), time.time())
+        yield lora
+
+    def _residency(self, adapters: Iterable[AdapterInfo]) -> Metric:
+        """One series per adapter in memory: pinned first, then device before host, at most
+        ``max_adapter_series`` of them (``loraplex_adapters_resident`` counts them all)."""
+        resident = [a for a in adapters if a.tier in _RESIDENT_ORDER]
+        resident.sort(key=lambda a: (not a.pinned, _RESIDENT_ORDER[a.tier], a.adapter_id))
+        family = GaugeMetricFamily(
+            "loraplex_adapter_residency",
+            "An adapter in memory (always 1): its tier (device or host), whether it is pinned, and its rank; "
+            "at most observability.max_adapter_labels adapters, pinned and device ones first",
+            labels=("adapter", "tier", "pinned", "rank"),
+        )
+        for info in resident[: self.max_adapter_series]:
+            family.add_metric((info.adapter_id, str(info.tier), str(info.pinned).lower(), str(info.rank)), 1)
+        return family
 
     @staticmethod
     def _routes(routes: list[RouteGauges]) -> Iterator[Metric]:

@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from loraplex.server.config import ObservabilitySettings
-from loraplex.server.engine.types import EngineStats, Finished
+from loraplex.server.engine.types import AdapterInfo, EngineStats, Finished
 from loraplex.server.observability.drift import DriftMonitor, Sample
 from loraplex.server.observability.labels import OTHER, LabelBounder
 from loraplex.server.observability.listener import MetricsListener
@@ -44,7 +44,7 @@ class Telemetry:
     def __init__(self, settings: ObservabilitySettings, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.state = StateCollector()
+        self.state = StateCollector(settings.max_adapter_labels)
         self.registry.register(self.state)
         self.adapters = LabelBounder(settings.max_adapter_labels)
         self.drift = DriftMonitor(settings.drift_window, settings.drift_min_samples, settings.drift_reference_size)
@@ -55,11 +55,18 @@ class Telemetry:
     # ------------------------------------------------------------------------------------------------- wiring
 
     def attach_engine(
-        self, stats: Callable[[], EngineStats], queue_capacity: int, manifest_of: ManifestOf, build: Mapping[str, str]
+        self,
+        stats: Callable[[], EngineStats],
+        queue_capacity: int,
+        manifest_of: ManifestOf,
+        build: Mapping[str, str],
+        adapters: Callable[[], Iterable[AdapterInfo]] | None = None,
     ) -> None:
-        """Reads engine state at scrape time from now on; ``build`` holds version, base_model and quantization."""
+        """Reads engine state (and, with ``adapters``, each adapter's residency) at scrape time from now on;
+        ``build`` holds version, base_model and quantization."""
         self.state.queue_capacity = queue_capacity
         self.state.engine_stats = stats
+        self.state.adapters = adapters
         self._manifest_of = manifest_of
         self.metrics.build_info.labels(build["version"], build["base_model"], build["quantization"]).set(1)
 
