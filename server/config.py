@@ -177,6 +177,13 @@ class ServerSettings(_Section):
         128 * 1024, ge=1, description="longest prompt text (all chat messages together) accepted before tokenizing"
     )
     grace_period_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may finish")
+    stream_write_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="how long a response stream (gRPC server stream, HTTP SSE or body) may wait for a client that "
+        "stopped reading before its connection (HTTP) or call (gRPC) is dropped and its request cancelled; "
+        "complements engine.max_stream_backlog, which cancels the engine side of a slow reader",
+    )
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with tls_key_file turns TLS on")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
     tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle that verifies client certificates")

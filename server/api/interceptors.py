@@ -1,6 +1,8 @@
-"""Server interceptors: errors → status codes (outermost), then authentication and admin checks.
+"""Server interceptors: the write timeout of server streams (outermost), errors → status codes, then
+authentication and admin checks.
 
-Both wrap the servicer's behaviour in an async context manager that runs around the whole call, streaming or not.
+The last two wrap the servicer's behaviour in an async context manager that runs around the whole call, streaming
+or not; the first writes a streaming call's responses itself, each within ``server.stream_write_timeout_s``.
 Health and reflection are left alone: probes and ``grpcurl list`` need no token. A request whose bytes are not a
 valid message of the method's type (truncated, invalid UTF-8 in a string, wrong wire types) is INVALID_ARGUMENT,
 raised inside the calls' context managers (after authentication) instead of gRPC's own UNKNOWN.
@@ -8,9 +10,11 @@ raised inside the calls' context managers (after authentication) instead of gRPC
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -22,6 +26,8 @@ from loraplex.server.api.state import Context
 from loraplex.server.engine.errors import InvalidRequest
 
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
+
+log = logging.getLogger(__name__)
 
 UNGUARDED_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
@@ -128,6 +134,54 @@ class _Guard(grpc.aio.ServerInterceptor):
     @abstractmethod
     def around(self, context: Context, method: str) -> AbstractAsyncContextManager[None]:
         """Runs around the whole call; raising refuses it."""
+
+
+class WriteTimeoutInterceptor(grpc.aio.ServerInterceptor):
+    """Server streams whose responses are written here, each within ``timeout_s`` (``server.stream_write_timeout_s``).
+
+    A write waits while HTTP/2 flow control is closed, that is while the client reads nothing. When one waits too
+    long, the servicer's stream is closed (which cancels its engine request, recorded as ``cancelled``) and a
+    CANCELLED status is queued behind the stuck message without waiting for it: the stream slot is free at once,
+    and a client that reads again at last sees why its stream ended.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+
+    async def intercept_service(self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not handler.response_streaming or _service(method) in UNGUARDED_SERVICES:
+            return handler
+        behavior: Any = handler.unary_stream or handler.stream_stream
+        timeout = self._timeout_s
+
+        async def written(request: Any, context: Context) -> None:
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    try:
+                        async with asyncio.timeout(timeout):  # no task per write, unlike wait_for on 3.11
+                            await context.write(response)
+                    except TimeoutError:
+                        break
+                else:
+                    return
+            log.warning(
+                "%s: the client %s read nothing for %.1f s (server.stream_write_timeout_s); stream cancelled",
+                method,
+                context.peer(),
+                timeout,
+            )
+            message = f"the client read nothing for {timeout:g} s (server.stream_write_timeout_s); stream cancelled"
+            with suppress(TimeoutError):  # the status waits behind the stuck message; the RPC ends without it
+                async with asyncio.timeout(0.05):
+                    await context.abort(grpc.StatusCode.CANCELLED, message)
+
+        return _FACTORIES[(handler.request_streaming, True)](
+            written,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 class ErrorInterceptor(_Guard):

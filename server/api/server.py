@@ -24,7 +24,7 @@ from loraplex.server.api.adapters import AdaptersServicer
 from loraplex.server.api.auth import TokenTable
 from loraplex.server.api.generation import GenerationServicer
 from loraplex.server.api.inference import InferenceServicer
-from loraplex.server.api.interceptors import AuthInterceptor, ErrorInterceptor
+from loraplex.server.api.interceptors import AuthInterceptor, ErrorInterceptor, WriteTimeoutInterceptor
 from loraplex.server.api.routing import RoutingServicer
 from loraplex.server.api.state import ServingState
 from loraplex.server.api.status import ServerServicer
@@ -70,7 +70,11 @@ def build_server(settings: Settings, tokens: TokenTable | None, router: Router, 
     """Creates (does not start) the server with every service bound; health says NOT_SERVING until it serves."""
     limit = settings.server.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), AuthInterceptor(tokens)],
+        interceptors=[
+            WriteTimeoutInterceptor(settings.server.stream_write_timeout_s),
+            ErrorInterceptor(),
+            AuthInterceptor(tokens),
+        ],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     health = health_aio.HealthServicer()

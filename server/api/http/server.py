@@ -17,6 +17,7 @@ import uvicorn
 
 from loraplex.server.api.auth import TokenTable
 from loraplex.server.api.http.app import create_app
+from loraplex.server.api.http.protocol import with_write_timeout
 from loraplex.server.api.state import ServingState
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def build_http_server(state: ServingState, tokens: TokenTable | None, grace_s: f
         log_config=None,  # keep the process's logging set-up
         access_log=False,
         lifespan="off",
-        http="h11",
+        http=with_write_timeout(settings.stream_write_timeout_s),
         ws="none",
         timeout_graceful_shutdown=max(1, round(grace_s)),
         server_header=False,

@@ -41,3 +41,12 @@ def test_remote_hosts_are_fine_with_auth_or_an_explicit_opt_out() -> None:
         environ={"LORAPLEX_SERVER__HOST": "0.0.0.0", "LORAPLEX_AUTH__ALLOW_REMOTE_WITHOUT_AUTH": "true"}
     )
     assert opted_out.auth.allow_remote_without_auth and opted_out.server.host == "0.0.0.0"
+
+
+def test_the_stream_write_timeout_is_a_positive_number_of_seconds() -> None:
+    assert load_settings(environ={}).server.stream_write_timeout_s == 30.0
+    from_env = load_settings(environ={"LORAPLEX_SERVER__STREAM_WRITE_TIMEOUT_S": "2.5"})
+    assert from_env.server.stream_write_timeout_s == 2.5
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={}, overrides={"server": {"stream_write_timeout_s": 0}})
+    assert "stream_write_timeout_s" in str(raised.value)
