@@ -211,6 +211,7 @@ class Engine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._live: dict[str, Sequence] = {}
+        self._pending_submits = 0  # accepted by generate(), not yet through the submitter thread (a drain waits)
         self._handoffs: dict[asyncio.AbstractEventLoop, LoopHandoff] = {}
         self._submitter = ThreadPoolExecutor(1, thread_name_prefix="engine-submit")  # one: keeps arrival order
         self._running_count = 0
@@ -273,15 +274,16 @@ class Engine:
         self._accepting = False
 
     def wait_idle(self, timeout: float) -> bool:
-        """Waits until every accepted request has finished; False on timeout."""
+        """Waits until every accepted request has finished (those still on the submitter thread included); False
+        on timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._live:
+                if not self._live and not self._pending_submits:
                     return True
             time.sleep(0.02)
         with self._lock:
-            return not self._live
+            return not self._live and not self._pending_submits
 
     def stop(self) -> None:
         """Stops the step loop (waiting for it); requests still live fail with ShuttingDown. Idempotent."""
@@ -349,9 +351,21 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         """Accepts a request or raises its error at once. Events then arrive at ``sink`` from the engine thread."""
-        submitted_at = time.monotonic()  # the engine's clock: validation and tokenization are engine work
         if not self._accepting:
             raise ShuttingDown("the server is draining or stopped; retry on another replica")
+        self._validate_and_queue(request, sink)
+
+    def _submit_accepted(self, request: GenerationRequest, sink: EventSink) -> None:
+        """The submitter thread's half of :meth:`generate`: the request was accepted when it arrived (a drain that
+        began since does not refuse it), so only its own errors refuse it now."""
+        try:
+            self._validate_and_queue(request, sink)
+        finally:
+            with self._lock:
+                self._pending_submits -= 1
+
+    def _validate_and_queue(self, request: GenerationRequest, sink: EventSink) -> None:
+        submitted_at = time.monotonic()  # the engine's clock: validation and tokenization are engine work
         if not request.request_id:
             raise InvalidRequest("request_id must not be empty")
         self._refuse_if_full()  # before tokenizing: under overload a refusal must cost next to nothing
@@ -401,8 +415,12 @@ class Engine:
         """Submits ``request`` and yields its events; closing the iterator early cancels the request."""
         loop = asyncio.get_running_loop()
         sink = AsyncSink(self._handoff(loop), self.settings.engine.max_stream_backlog, self._on_engine_thread)
+        with self._lock:  # accepted now, on arrival: a drain from here on waits for it instead of refusing it
+            if not self._accepting:
+                raise ShuttingDown("the server is draining or stopped; retry on another replica")
+            self._pending_submits += 1
         try:  # validation and tokenization (their cost grows with the prompt) off the event loop, in arrival order
-            await loop.run_in_executor(self._submitter, self.submit, request, sink)
+            await loop.run_in_executor(self._submitter, self._submit_accepted, request, sink)
         except asyncio.CancelledError:
             sink.closed = True  # if it is accepted after all, the engine cancels it at its first event
             self.cancel(request.request_id)

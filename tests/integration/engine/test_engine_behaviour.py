@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from loraplex.server.engine.errors import (
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
+    ShuttingDown,
 )
 from loraplex.server.engine.events import EngineListener
 from loraplex.server.engine.types import (
@@ -163,6 +165,31 @@ def test_cancel_and_deadline_free_the_sequence(engine_factory: Any, root: Path) 
         assert 0 < len(outcome.token_ids) < 500
         await wait_until(lambda: engine.stats().running == 0, timeout=2)
         assert engine.kv.allocator.num_used == 0
+
+    asyncio.run(main())
+
+
+def test_a_drain_keeps_requests_accepted_before_it_still_on_the_submitter_thread(
+    engine_factory: Any, root: Path
+) -> None:
+    """A request is accepted when ``generate`` is called; its validation and tokenization run later on the
+    submitter thread. A drain beginning in between must wait for it and serve it, not refuse it (the race that lost
+    an accepted stream under SIGTERM); a request arriving after the drain began is refused at once."""
+    engine: Engine = engine_factory([root])
+    gate = threading.Event()
+    engine._submitter.submit(gate.wait)  # holds the submitter thread, as a slow tokenization would
+
+    async def main() -> None:
+        accepted = asyncio.create_task(collect(engine, req(max_new_tokens=4, ignore_eos=True)))
+        await asyncio.sleep(0.05)  # generate() has run up to its hand-off to the submitter
+        engine.begin_drain()
+        assert not engine.wait_idle(0.1)  # the accepted request counts although the engine has not seen it yet
+        late = await collect(engine, req(max_new_tokens=4, ignore_eos=True))
+        assert isinstance(late.error, ShuttingDown)
+        gate.set()
+        outcome = await accepted
+        assert outcome.error is None and len(outcome.token_ids) == 4
+        assert engine.wait_idle(5)
 
     asyncio.run(main())
 
