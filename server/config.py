@@ -111,6 +111,12 @@ class EngineSettings(_Section):
     )
     max_running: int = Field(32, ge=1, description="sequences in the running batch")
     max_batch_tokens: int = Field(512, ge=16, description="tokens (prefill + decode) in one forward pass")
+    adapter_prefetch: int = Field(
+        4,
+        ge=0,
+        description="adapters of the next waiting requests placed on the device after each step, ahead of their "
+        "admission (only into free slots or their own pool's idle ones); 0 = off",
+    )
     kv_cache_tokens: int = Field(
         32768, ge=256, description="KV cache capacity in tokens, all sequences together (rounded up to whole blocks)"
     )

@@ -531,6 +531,10 @@ class Engine:
                 log.exception("engine iteration failed")
                 worked = False
             self._flush_events()
+            try:  # after the tokens went out: the next admissions find their adapters placed
+                self.scheduler.prefetch()
+            except Exception:
+                log.exception("adapter prefetch failed")
             if not worked:
                 self._wake.wait(self.settings.engine.idle_poll_s)
                 self._wake.clear()

@@ -17,6 +17,9 @@ Every step, in this order:
    skipped, not waited for). Adapters are looked up (read from disk if need be) only for the next ``max_running``
    waiting sequences, not when a request arrives: a deep queue of requests for distinct adapters would otherwise
    read them all at once and evict each other's from the host cache before they run.
+4. **Prefetch** (:meth:`Scheduler.prefetch`, after the step's tokens went out): the adapters of the next
+   ``engine.adapter_prefetch`` waiting sequences that are in host memory are placed on the device where that is one
+   slot write, so the step that admits them does not pay their host → device copy.
 
 A sequence joins at a step boundary and leaves the moment it finishes, so a short request never waits for a long
 one. A preempted sequence keeps its adapter reference (and so its device slot): it resumes without a new lookup.
@@ -202,6 +205,19 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, take))
             budget -= take
         return chunks, failed
+
+    def prefetch(self) -> int:
+        """Places the adapters of the next ``adapter_prefetch`` waiting sequences whose lookup is done ahead of
+        their admission (a free or own-pool idle slot only, never evicting what a sequence holds); the count
+        placed now."""
+        placed = 0
+        for seq in islice(self.waiting, self.settings.adapter_prefetch):
+            version, future = seq.adapter, seq.adapter_future
+            if version is None and future is not None and future.done() and future.exception() is None:
+                version = future.result()
+            if version is not None and not seq.adapter_acquired and version.placement is None:
+                placed += self.adapters.prefetch(version)
+        return placed
 
     def remove(self, seq: Sequence, served: bool) -> None:
         """Takes a sequence out (finished, failed or cancelled) and frees what it holds."""

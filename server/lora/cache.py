@@ -6,10 +6,17 @@ Tiers: *disk* (a directory under an adapter root) → *host* (validated ``Adapte
 waits while every other request keeps generating.
 
 Device eviction: the idle adapters on the device (placed, unreferenced, unpinned) are kept in one LRU per pool,
-updated in O(1) on every acquire and release. A version that needs a slot when the device is full takes the slot
-of the least recently used idle adapter *of its own pool* (one slot write, no pool resize); only when its pool has
-none are the pools compacted, then the least recently used idle adapter of any pool evicted. Pinned adapters are
-tracked in their own set, so the per-step pass that places them never scans every adapter.
+updated in O(1) on every acquire and release. Pools are preallocated (:mod:`loraplex.server.lora.pool`), so a
+version takes a free slot of its pool, else the slot of the least recently used idle adapter *of its own pool*
+(one slot write either way); only when its pool has neither does its pool grow into free bytes, the other pools
+give bytes back (:meth:`DeviceSlots.reclaim`), or the least recently used idle adapter of any pool is evicted.
+Pinned adapters are tracked in their own set, so the per-step pass that places them never scans every adapter.
+:meth:`AdapterManager.prefetch` places the adapters of waiting requests ahead of their admission on the cheap
+path only (a free slot or its own pool's idle LRU head, never a reallocation), so admission finds them resident.
+
+Host tier: the current versions holding host weights are kept in two LRUs (placed ones, whose device copy serves,
+and host-only ones), updated in O(1) on every use; trimming to ``adapters.host_bytes`` drops the least recently
+used placed versions' host weights first, then host-only ones, never sorting.
 
 Versions: loaded weights are immutable. Loading an id whose files changed creates a new :class:`AdapterVersion`;
 running sequences keep the version they hold (reference counts), new requests get the new one, and the old
@@ -124,6 +131,11 @@ class AdapterManager:
         # eviction takes the head in O(1), and an adapter evicts one of its own pool before any pool is resized.
         self._idle: dict[PoolKey, OrderedDict[AdapterVersion, None]] = {}
         self._pinned: set[str] = set()
+        # Current versions with host weights, least recently used first, and their sizes: placed ones (dropped
+        # first: their device copy serves) and host-only ones. _host_total is the sum over both.
+        self._host_placed: OrderedDict[AdapterVersion, int] = OrderedDict()
+        self._host_only: OrderedDict[AdapterVersion, int] = OrderedDict()
+        self._host_total = 0
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="adapter-loader")
         self._load_listeners: list[Callable[[], None]] = []
 
@@ -268,6 +280,7 @@ class AdapterManager:
         if current is not None and current.content_hash == weights.content_hash:
             if current.weights is None and current.placement is None:
                 current.weights, current.dora_scales = weights, dora
+                self._refresh_host(current)
             current.files = signature  # same content under new file times: nothing left to read
             return current
         version = AdapterVersion(
@@ -290,11 +303,13 @@ class AdapterManager:
         if current is not None:
             self._retire(current, Retired.REPLACED)
         entry.current = version
+        self._refresh_host(version)
         return version
 
     def _retire(self, version: AdapterVersion, reason: Retired) -> None:
         version.retired = reason
         self._refresh_idle(version)
+        self._refresh_host(version)
         self._retired.append(version)
         self._free_retired()
 
@@ -310,19 +325,34 @@ class AdapterManager:
             version.weights = None
         self._retired = keep
 
+    def _refresh_host(self, version: AdapterVersion) -> None:
+        """Puts ``version`` at the recent end of its host LRU if it is current and holds host weights, else takes it
+        out; called after every use and every change to its weights, placement or retirement."""
+        size = self._host_placed.pop(version, None)
+        if size is None:
+            size = self._host_only.pop(version, None)
+        if size is not None:
+            self._host_total -= size
+        if version.weights is not None and version.retired is None:
+            (self._host_only if version.placement is None else self._host_placed)[version] = version.size_bytes
+            self._host_total += version.size_bytes
+
     def _trim_host(self) -> None:
-        held = [v for e in self._entries.values() if (v := e.current) is not None and v.weights is not None]
-        total = sum(v.size_bytes for v in held)
-        # Placed versions first (their device copy serves), then least recently used.
-        for version in sorted(held, key=lambda v: (v.placement is None, v.last_used)):
-            if total <= self.host_bytes:
-                break
-            if version.placement is None and version.refs > 0:
-                continue
-            version.weights = None
-            version.dora_scales = None
-            total -= version.size_bytes
-            self.listener.adapter_evicted("host")
+        """Drops host weights, least recently used first (placed versions before host-only ones), until the held
+        versions fit ``adapters.host_bytes``; a host-only version a sequence holds is kept."""
+        for lru in (self._host_placed, self._host_only):
+            kept: list[AdapterVersion] = []
+            while self._host_total > self.host_bytes and lru:
+                version, size = lru.popitem(last=False)
+                self._host_total -= size
+                if version.placement is None and version.refs > 0:
+                    kept.append(version)
+                    continue
+                version.weights = None
+                version.dora_scales = None
+                self.listener.adapter_evicted("host")
+            for version in kept:
+                self._refresh_host(version)
 
     # ------------------------------------------------------------------------------------- engine thread only
 
@@ -336,6 +366,7 @@ class AdapterManager:
                 self._free_retired()
             else:
                 self._refresh_idle(version)
+                self._refresh_host(version)
 
     def acquire_resident(self, version: AdapterVersion) -> bool:
         """Puts ``version`` in a device slot (evicting idle adapters if needed) and takes a reference to it, in one
@@ -363,17 +394,22 @@ class AdapterManager:
             if version.weights is None or version.retired is not None:
                 return False
             started = time.perf_counter()
-            key = PoolKey.of(version.weights)
-            placement = self.slots.place(version.weights, version.dora_scales)
-            # Room first in its own pool (an idle adapter of the same pool gives up its slot: no resize), then by
-            # compacting the pools, then from the least recently used idle adapter of any pool.
+            weights, dora = version.weights, version.dora_scales
+            key = PoolKey.of(weights)
+            # A free slot or its pool's least recently used idle adapter's slot (one slot write); then its pool
+            # grows into free bytes, other pools give bytes back, or any pool's least recently used idle adapter goes.
+            placement = self.slots.place(weights, dora, grow=False)
             while placement is None:
-                if not (self._evict_idle(key) or self.slots.shrink() or self._evict_idle(None)):
+                if self._evict_idle(key):
+                    placement = self.slots.place(weights, dora, grow=False)
+                    continue
+                placement = self.slots.place(weights, dora)
+                if placement is None and not (self.slots.reclaim(weights) or self._evict_idle(None)):
                     return False
-                placement = self.slots.place(version.weights, version.dora_scales)
             version.placement = placement
             version.last_used = time.monotonic()
             self._refresh_idle(version)
+            self._refresh_host(version)
             self.listener.adapter_lookup("device", False)
             self.listener.adapter_loaded("device", "ok", time.perf_counter() - started)
             return True
@@ -405,9 +441,33 @@ class AdapterManager:
         assert victim.placement is not None
         self.slots.release(victim.placement)
         victim.placement = None
+        self._refresh_host(victim)
         self.listener.adapter_evicted("device")
         log.debug("evicted adapter %s v%d from the device", victim.adapter_id, victim.version)
         return True
+
+    def prefetch(self, version: AdapterVersion) -> bool:
+        """Places a waiting request's ``version`` ahead of its admission if that is one slot write: a free slot of
+        its pool (or a new pool within the free bytes), else the slot of its own pool's least recently used idle
+        adapter. Never grows, cuts or compacts a pool, never touches a referenced or pinned adapter, takes no
+        reference (the version stays idle, at the recent end of its pool's LRU). True when it is on the device."""
+        with self._lock:
+            if version.placement is not None:
+                return True
+            weights = version.weights
+            if weights is None or version.retired is not None:
+                return False
+            started = time.perf_counter()
+            placement = self.slots.place(weights, version.dora_scales, grow=False)
+            if placement is None and self._evict_idle(PoolKey.of(weights)):
+                placement = self.slots.place(weights, version.dora_scales, grow=False)
+            if placement is None:
+                return False
+            version.placement = placement
+            self._refresh_idle(version)
+            self._refresh_host(version)
+            self.listener.adapter_loaded("device", "ok", time.perf_counter() - started)
+            return True
 
     def place_pinned(self) -> None:
         """Engine tick: pinned adapters that are in memory but not on the device get a slot if one can be made

@@ -5,6 +5,14 @@ targeted ``(module, layer)``, stacked tensors ``a [capacity, in, R]`` and ``b [c
 rank r ≤ R fills the first r of R (zeros after), so mixed ranks cost at most 2× inside a bucket instead of padding
 every adapter to the server's maximum rank, and adapters that touch only q,v never pay for the MLP.
 
+Preallocated stacks: a pool is created at the first use of its key with the capacity the budgets allow at once
+(``adapters.device_slots``, and the bytes of ``adapters.device_bytes`` no other pool holds), so placing an adapter is
+one slot write into stacks that never move. A pool is reallocated (its used slots copied) only on the rare paths
+that memory needs: :meth:`DeviceSlots.reclaim` cuts the free tail of *other* pools when a pool key has no room
+(compaction first, so the tail is free), and a pool that is full of running adapters grows when bytes are free.
+``DeviceSlots.reallocations`` counts both, for benchmarks and tests. An empty pool keeps its stacks (a key that
+comes back costs no allocation) until ``reclaim`` needs its bytes.
+
 Slot indices are separate from adapter ids; a :class:`Placement` is the (pool, slot) of one adapter version and
 may move when a pool is compacted (between engine steps only). Budgets: the number of used slots
 (``adapters.device_slots``) and the bytes *allocated* by all pools (``adapters.device_bytes``).
@@ -58,7 +66,7 @@ DoraScales = Mapping[tuple[int, str], torch.Tensor]  # (layer, module) -> [out]
 
 
 class SlotPool:
-    """Stacked weights of one :class:`PoolKey` for ``capacity`` adapters."""
+    """Stacked weights of one :class:`PoolKey` for ``capacity`` adapters, allocated once."""
 
     def __init__(
         self, key: PoolKey, shape: ModelShape, capacity: int, dtype: torch.dtype, device: torch.device
@@ -74,7 +82,7 @@ class SlotPool:
         self.dora: dict[str, list[torch.Tensor]] = {}
         self._owners: list[Placement | None] = []
         self._free: list[int] = []
-        self.resize(capacity)
+        self._reallocate(capacity)
 
     @staticmethod
     def bytes_per_slot(key: PoolKey, shape: ModelShape, element_size: int) -> int:
@@ -93,6 +101,10 @@ class SlotPool:
         return self.capacity - len(self._free)
 
     @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
     def allocated_bytes(self) -> int:
         return self.capacity * self.slot_bytes
 
@@ -103,10 +115,10 @@ class SlotPool:
             stack[:keep] = old[:keep]
         return stack
 
-    def resize(self, capacity: int) -> None:
-        """Grows or shrinks the stacks; shrinking requires the slots past ``capacity`` to be free (compact first)."""
+    def _reallocate(self, capacity: int) -> None:
+        """New stacks of ``capacity`` slots keeping the first ones; the slots past ``capacity`` must be free."""
         if capacity < self.capacity and any(owner is not None for owner in self._owners[capacity:]):
-            raise RuntimeError("cannot shrink a pool over used slots; compact it first")
+            raise RuntimeError("cannot cut a pool over used slots; compact it first")
         rank = self.key.rank
         for module in self.key.modules:
             fan_in, fan_out = self.shape.module_dims(module)
@@ -133,6 +145,20 @@ class SlotPool:
             heapq.heapify(self._free)
         self.capacity = capacity
 
+    def grow(self, capacity: int) -> None:
+        """Reallocates the stacks at a larger ``capacity`` (a copy of the used slots)."""
+        if capacity <= self.capacity:
+            raise ValueError(f"grow to {capacity} slots: the pool already has {self.capacity}")
+        self._reallocate(capacity)
+
+    def cut_free_tail(self) -> int:
+        """Compacts, then reallocates the stacks at the used slots only; returns the slots given back."""
+        freed = self.free
+        if freed:
+            self.compact()
+            self._reallocate(self.used)
+        return freed
+
     def take(self, weights: AdapterWeights, dora_scales: DoraScales | None) -> Placement | None:
         if not self._free:
             return None
@@ -146,13 +172,14 @@ class SlotPool:
         for module in self.key.modules:
             for layer in range(self.shape.num_layers):
                 a_slot, b_slot = self.a[module][layer][slot], self.b[module][layer][slot]
-                a_slot.zero_()
-                b_slot.zero_()
                 found = weights.modules.get((layer, module))
+                rank = 0 if found is None else found.a.shape[0]
                 if found is not None:
-                    rank = found.a.shape[0]
                     a_slot[:, :rank].copy_(found.a.T)
                     b_slot[:rank].copy_(found.b.T)
+                if rank < self.key.rank:  # what a previous adapter of a larger rank left there
+                    a_slot[:, rank:].zero_()
+                    b_slot[rank:].zero_()
                 if self.key.dora:
                     scale = None if dora_scales is None else dora_scales.get((layer, module))
                     dora_slot = self.dora[module][layer][slot]
@@ -194,6 +221,7 @@ class DeviceSlots:
         self.dtype = dtype
         self.device = device
         self.pools: dict[PoolKey, SlotPool] = {}
+        self.reallocations = 0  # pools grown or cut after their creation (each a copy of their used slots)
         self._element_size = torch.empty((), dtype=dtype).element_size()
 
     @property
@@ -211,40 +239,49 @@ class DeviceSlots:
         """Whether one slot of this adapter's pool fits the byte budget even with every other pool gone."""
         return self.slot_bytes(weights) <= self.max_bytes
 
-    def place(self, weights: AdapterWeights, dora_scales: DoraScales | None = None) -> Placement | None:
-        """A slot for ``weights``, growing its pool within budget; None when the caller must evict first."""
+    def _room_slots(self, key: PoolKey) -> int:
+        """Slots of pool ``key`` the unallocated bytes would hold."""
+        return (self.max_bytes - self.allocated_bytes) // SlotPool.bytes_per_slot(key, self.shape, self._element_size)
+
+    def place(
+        self, weights: AdapterWeights, dora_scales: DoraScales | None = None, grow: bool = True
+    ) -> Placement | None:
+        """A slot for ``weights``: a free slot of its pool (one slot write), else a new pool preallocated at what
+        the budgets allow, else (``grow``) its full pool grown into free bytes; None when the caller must evict."""
         if self.used_slots >= self.max_slots:
             return None
         key = PoolKey.of(weights)
         pool = self.pools.get(key)
         if pool is not None:
             placement = pool.take(weights, dora_scales)
-            if placement is not None:
+            if placement is not None or not grow:
                 return placement
-        slot_bytes = SlotPool.bytes_per_slot(key, self.shape, self._element_size)
         current = 0 if pool is None else pool.capacity
-        room = (self.max_bytes - self.allocated_bytes) // slot_bytes
-        wanted = min(self.max_slots, max(current * 2, 4))
-        new_capacity = min(wanted, current + room)
+        new_capacity = min(self.max_slots, current + self._room_slots(key))
         if new_capacity <= current:
             return None
         if pool is None:
             pool = self.pools[key] = SlotPool(key, self.shape, new_capacity, self.dtype, self.device)
         else:
-            pool.resize(new_capacity)
+            pool.grow(new_capacity)
+            self.reallocations += 1
         return pool.take(weights, dora_scales)
 
     def release(self, placement: Placement) -> None:
-        pool = placement.pool
-        pool.release(placement)
-        if pool.used == 0:
-            del self.pools[pool.key]
+        placement.pool.release(placement)
 
-    def shrink(self) -> int:
-        """Compacts every pool and cuts its free tail; returns the bytes given back to the budget."""
-        before = self.allocated_bytes
-        for pool in self.pools.values():
-            if pool.used < pool.capacity:
-                pool.compact()
-                pool.resize(pool.used)
-        return before - self.allocated_bytes
+    def reclaim(self, weights: AdapterWeights) -> bool:
+        """Gives bytes back for ``weights``' pool from the others: empty pools are dropped (no copy), then the pool
+        with the most free slots has its free tail cut (compaction, then a copy of its used slots); False when no
+        other pool has a free slot."""
+        key = PoolKey.of(weights)
+        others = [pool for pool in self.pools.values() if pool.key != key and pool.free]
+        if not others:
+            return False
+        empty = [pool for pool in others if pool.used == 0]
+        for pool in empty:
+            del self.pools[pool.key]
+        if not empty:
+            max(others, key=lambda pool: pool.free * pool.slot_bytes).cut_free_tail()
+            self.reallocations += 1
+        return True

@@ -177,3 +177,24 @@ def test_no_acquired_version_loses_its_slot_while_others_retire_it(manager: Adap
     assert lost == []
     assert manager.slots.used_slots <= 1  # nothing acquired now: at most the current version's idle slot
     manager.shutdown()
+
+
+def test_host_tier_drops_placed_versions_first_then_the_least_recently_used(tmp_path: Path) -> None:
+    for seed, name in enumerate(("a", "b", "c", "d")):
+        write_adapter(tmp_path / name, SHAPE, 8, seed=seed)
+    probe = _manager(tmp_path, max_slots=4)
+    size = probe.lookup("a").result(10).size_bytes
+    probe.shutdown()
+    slots = DeviceSlots(SHAPE, 4, 1 << 30, dtype=torch.float32, device=torch.device("cpu"))
+    manager = AdapterManager(
+        AdapterRoots.of([tmp_path]), SHAPE, AdapterLimits(max_rank=64, max_file_bytes=1 << 30), slots, 2 * size, 1
+    )
+    a, b = manager.lookup("a").result(10), manager.lookup("b").result(10)
+    assert manager.acquire_resident(a)  # a is placed (its device copy serves) and the most recently used
+    manager.release(a, served=True)
+    c = manager.lookup("c").result(10)
+    assert a.weights is None and a.placement is not None  # placed: its host copy goes first, though b is older
+    assert b.weights is not None and c.weights is not None
+    d = manager.lookup("d").result(10)
+    assert b.weights is None and c.weights is not None and d.weights is not None  # then the least recently used
+    manager.shutdown()
