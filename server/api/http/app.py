@@ -3,8 +3,8 @@
 Every ``/v1`` route authenticates the ``Authorization: Bearer <token>`` header against the same token table as
 gRPC (open access when auth is off); ``/health`` (liveness) and ``/ready`` (readiness: 503 while the base model
 loads and while the server drains) need no token, like gRPC health. Handlers stay thin: request JSON goes through
-:mod:`.convert`, generations through :mod:`.generate` and :mod:`.respond`, and every error through
-:func:`.errors.error_response`.
+:mod:`.convert`, generations through :mod:`.generate` and :mod:`.respond` (cancelled when the client disconnects
+first: :mod:`.disconnect`), and every error through :func:`.errors.error_response`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from loraplex.server.api.auth import OPEN_ACCESS, Tenant, TokenTable
 from loraplex.server.api.errors import ApiError
 from loraplex.server.api.http import admin, convert
 from loraplex.server.api.http.body import read_json
+from loraplex.server.api.http.disconnect import unless_disconnected
 from loraplex.server.api.http.errors import HttpError, error_response, no_such_path
 from loraplex.server.api.http.generate import start
 from loraplex.server.api.http.models import model_list
@@ -50,17 +51,20 @@ def create_app(state: ServingState, tokens: TokenTable | None) -> FastAPI:
     def tenant_of(request: Request) -> Tenant:
         return OPEN_ACCESS if tokens is None else tokens.authenticate(request.headers.items())
 
+    async def answer(tenant: Tenant, spec: convert.Spec) -> Response:
+        return await respond(await start(state, tenant, spec), spec)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         tenant = tenant_of(request)
         spec = convert.completion_spec(await read_json(request, CompletionRequest, limit), default_max)
-        return await respond(await start(state, tenant, spec), spec)
+        return await unless_disconnected(request, answer(tenant, spec))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         tenant = tenant_of(request)
         spec = convert.chat_spec(await read_json(request, ChatCompletionRequest, limit), default_max)
-        return await respond(await start(state, tenant, spec), spec)
+        return await unless_disconnected(request, answer(tenant, spec))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -6,7 +6,9 @@ request causes, and 503 while the server drains (the module's last test: it stop
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -295,12 +297,8 @@ def _cancelled(server: ServerProcess) -> float:
     return sum(float(line.split()[-1]) for line in lines if 'status="cancelled"' in line)
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_request(server: ServerProcess, grpc_client: Client) -> None:
-    before = _cancelled(server)
-    body = {"model": "gamma", "messages": CHAT, "max_tokens": MAX_NEW_TOKENS, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.http_url}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        assert [next(lines).startswith("data: {") for _ in range(3)] == [True, False, True]
+def _wait_cancelled(server: ServerProcess, grpc_client: Client, before: float) -> None:
+    """Within a bounded wait: no stream or sequence is left, and one more request ended cancelled."""
     started = time.monotonic()
     while (status := grpc_client.status()).active_streams + status.running_requests > 0:
         assert time.monotonic() - started < 10, status
@@ -309,6 +307,33 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(server: ServerPr
     while _cancelled(server) != before + 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_request(server: ServerProcess, grpc_client: Client) -> None:
+    before = _cancelled(server)
+    body = {"model": "gamma", "messages": CHAT, "max_tokens": MAX_NEW_TOKENS, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.http_url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert [next(lines).startswith("data: {") for _ in range(3)] == [True, False, True]
+    _wait_cancelled(server, grpc_client, before)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_client_that_disconnects_before_a_whole_answer_frees_its_request(
+    server: ServerProcess, grpc_client: Client, path: str
+) -> None:
+    before = _cancelled(server)
+    prompt = {"messages": CHAT} if path.endswith("chat/completions") else {"prompt": PROMPT}
+    body = json.dumps({"model": "gamma", **prompt, "max_tokens": MAX_NEW_TOKENS, "ignore_eos": True}).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as client:
+        client.sendall(head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while grpc_client.status().running_requests == 0:  # decoding its MAX_NEW_TOKENS tokens
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    _wait_cancelled(server, grpc_client, before)
+    assert chat(openai_client(server), "alpha").choices[0].finish_reason == "length"  # still serving others
 
 
 def test_draining_answers_503_while_accepted_streams_finish(server: ServerProcess) -> None:
