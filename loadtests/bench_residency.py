@@ -9,6 +9,11 @@ per placement, evictions, and how much of the budget was in use.
 
     python loadtests/bench_residency.py                      # 64 adapters, 200 MiB budget, 600 placements
     python loadtests/bench_residency.py --device-mib 1000    # slot-count bound instead of byte bound
+    python loadtests/bench_residency.py --cold-load          # cold load p50 per rank: disk -> host, host -> device
+
+``--cold-load``: per rank (8, 16, 32, 64), ``--cold-adapters`` q,v float16 adapters never read before by a fresh
+manager are each looked up (disk -> host: read, validation, conversion, on a loader thread) and then made resident
+(host -> device: a slot write, the pool created at the first one); printed as p50 / max milliseconds per rank.
 
 Run it from two checkouts (before / after a change) one after the other to compare.
 """
@@ -48,6 +53,45 @@ class EvictionCount(EngineListener):
         self.evictions += tier == "device"
 
 
+def _percentile(times: list[float], q: float) -> float:
+    ordered = sorted(times)
+    return round(ordered[int(q * (len(ordered) - 1))], 2)
+
+
+def cold_load(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """p50 / max of disk -> host and host -> device per rank, each adapter read by a manager that never saw it."""
+    shape = embedded_shape()
+    figures: dict[str, dict[str, float]] = {}
+    for rank in RANKS:
+        ids = [f"cold-r{rank}-{i:02d}" for i in range(args.cold_adapters)]
+        for index, adapter_id in enumerate(ids):
+            if not (args.root / adapter_id / "adapter_config.json").exists():
+                write_adapter(args.root / adapter_id, shape, rank, seed=1000 + index, dtype=torch.float16)
+        slots = DeviceSlots(shape, args.device_slots, args.device_mib << 20, torch.float32, torch.device("cpu"))
+        manager = AdapterManager(AdapterRoots.of([args.root]), shape, AdapterLimits(128, 1 << 30), slots, 8 << 30, 1)
+        to_host: list[float] = []
+        to_device: list[float] = []
+        for adapter_id in ids:
+            started = time.perf_counter()
+            version = manager.lookup(adapter_id).result()
+            placed = time.perf_counter()
+            if not manager.acquire_resident(version):
+                raise RuntimeError(f"{adapter_id} could not be placed")
+            done = time.perf_counter()
+            manager.release(version, served=False)
+            to_host.append((placed - started) * 1e3)
+            to_device.append((done - placed) * 1e3)
+        manager.shutdown()
+        total = [h + d for h, d in zip(to_host, to_device, strict=True)]
+        figures[f"r{rank}"] = {
+            "disk_to_host_p50_ms": round(statistics.median(to_host), 2),
+            "host_to_device_p50_ms": round(statistics.median(to_device), 2),
+            "total_p50_ms": round(statistics.median(total), 2),
+            "total_max_ms": _percentile(total, 1.0),
+        }
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", type=int, default=64)
@@ -57,7 +101,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", type=Path, default=default_cache_dir() / "residency-adapters")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--cold-load", action="store_true", help="cold load latency per rank instead")
+    parser.add_argument("--cold-adapters", type=int, default=12, help="adapters per rank in --cold-load")
     args = parser.parse_args()
+    if args.cold_load:
+        cold = cold_load(args)
+        print(json.dumps(cold))
+        if args.json:
+            args.json.write_text(json.dumps(cold, indent=2) + "\n")
+        return
 
     shape = embedded_shape()
     ids = [f"m{i:03d}" for i in range(args.adapters)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -205,6 +206,33 @@ def _collect_tensors(
     return grouped
 
 
+SERIAL_ELEMENTS = 32768  # torch's intra-op grain size: a copy of at most this many elements runs on its thread alone
+
+
+def _as_float32(grouped: dict[tuple[int, str], dict[str, torch.Tensor]]) -> bool:
+    """Replaces every tensor by a float32 view of one new buffer; returns whether every element is finite (one
+    reduction over the buffer, checked exactly only when the sum is not finite).
+
+    The conversion runs as copies of at most :data:`SERIAL_ELEMENTS` elements: each stays on the calling loader
+    thread, where a parallel torch op would start an OpenMP team of its own and contend with the engine thread's
+    (measured: 23 ms instead of 2 for a rank-64 q,v adapter). The views are writable and alias nothing the caller
+    holds."""
+    places = [(key, part) for key, parts in grouped.items() for part in parts]
+    tensors = [grouped[key][part].reshape(-1) for key, part in places]
+    flat = torch.empty(sum(tensor.numel() for tensor in tensors), dtype=torch.float32)
+    offset = 0
+    for (key, part), tensor in zip(places, tensors, strict=True):
+        numel = tensor.numel()
+        for start in range(0, numel, SERIAL_ELEMENTS):
+            size = min(SERIAL_ELEMENTS, numel - start)
+            flat[offset + start : offset + start + size].copy_(tensor[start : start + size])
+        grouped[key][part] = flat[offset : offset + numel].view(grouped[key][part].shape)
+        offset += numel
+    values = flat.numpy()  # numpy reductions are single-threaded too
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
+
+
 def _build_module(
     key: tuple[int, str],
     parts: dict[str, torch.Tensor],
@@ -212,7 +240,10 @@ def _build_module(
     shape: ModelShape,
     limits: AdapterLimits,
     problems: list[str],
+    all_finite: bool,
 ) -> LoraModuleWeights | None:
+    """One module's weights from float32 ``parts`` (views :func:`_as_float32` made: ``b`` is scaled in place);
+    ``all_finite`` (the whole file is) skips the per-tensor finiteness check."""
     layer, module = key
     where = module_path(layer, module)
     if "a" not in parts or "b" not in parts:
@@ -241,19 +272,26 @@ def _build_module(
     if magnitude is not None and magnitude.shape != (out_features,):
         problems.append(f"{where}: lora_magnitude_vector {tuple(magnitude.shape)} must be ({out_features},)")
         return None
-    a, b = a.to(torch.float32).contiguous(), b.to(torch.float32)
-    magnitude = None if magnitude is None else magnitude.to(torch.float32).contiguous()
-    if not all(_all_finite(t) for t in ([a, b] if magnitude is None else [a, b, magnitude])):
+    if not all_finite and not all(_all_finite(t) for t in ([a, b] if magnitude is None else [a, b, magnitude])):
         problems.append(f"{where}: weights contain NaN or Inf; re-train or re-export the adapter")
         return None
     scale = lora_scaling(alpha, rank, bool(config.get("use_rslora")))
-    return LoraModuleWeights(a=a, b=(b * scale).contiguous(), magnitude=magnitude)
+    if scale != 1.0:
+        np.multiply(b.numpy(), scale, out=b.numpy(), dtype=np.float32)  # in place, in numpy: see _as_float32
+    return LoraModuleWeights(a=a, b=b, magnitude=magnitude)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
     """Whether every element is finite. A NaN or Inf makes the sum NaN or Inf, so a finite sum proves it in one
     reduction (30x cheaper than an element-wise mask); a sum that is not finite (or overflowed) is checked exactly."""
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+def _content_hash(config_bytes: bytes, weights: bytes) -> str:
+    """sha256 of config + weights bytes, fed in turn (no concatenated copy of the weights)."""
+    digest = hashlib.sha256(config_bytes)
+    digest.update(weights)
+    return digest.hexdigest()[:16]
 
 
 def read_adapter(
@@ -304,13 +342,14 @@ def read_adapter(
     if len(weights) > limits.max_file_bytes:
         raise AdapterRejected(adapter_id, [f"{WEIGHTS_FILE} grew past adapters.max_file_bytes while being read"])
     grouped = _collect_tensors(weights, shape, problems)
+    all_finite = _as_float32(grouped)
     allowed_layers = _layer_filter(config)
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
     for key in sorted(grouped):
         if allowed_layers is not None and key[0] not in allowed_layers:
             problems.append(f"{module_path(*key)}: weights present for a layer outside layers_to_transform")
             continue
-        built = _build_module(key, grouped[key], config, shape, limits, problems)
+        built = _build_module(key, grouped[key], config, shape, limits, problems, all_finite)
         if built is not None:
             modules[key] = built
     if not modules and not problems:
@@ -320,7 +359,7 @@ def read_adapter(
     return AdapterWeights(
         adapter_id=adapter_id,
         source_dir=directory,
-        content_hash=hashlib.sha256(config_bytes + weights).hexdigest()[:16],
+        content_hash=_content_hash(config_bytes, weights),
         rank=max(w.a.shape[0] for w in modules.values()),
         target_modules=frozenset(module for _, module in modules),
         use_dora=bool(config.get("use_dora")),
