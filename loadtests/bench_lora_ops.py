@@ -2,7 +2,8 @@
 
 For each token count (decode-sized to prefill-sized), every token's adapter drawn from ``--adapters`` resident
 slots: the base matmul, the grouped backend, the gather backend and the per-token reference loop (small cases only);
-then the decode case the window kernel serves (every token its own adapter, slots 0 .. tokens - 1). This is the
+then the decode case the window kernel serves (every token its own adapter, slots 0 .. tokens - 1), with the
+compiled fused kernel (``y + delta`` in one pass) where it runs (CPU, bfloat16/float16). This is the
 measurement behind the per-segment kernel rule in ``loraplex.server.lora.ops``.
 
     python loadtests/bench_lora_ops.py                                  # SmolLM2 gate_proj shape on CPU, fp32
@@ -19,6 +20,8 @@ import torch
 
 from loraplex.server.lora.ops import (
     SlotWindow,
+    fused_kernel_works,
+    lora_add_fused,
     lora_delta_gather,
     lora_delta_grouped,
     lora_delta_reference,
@@ -77,7 +80,11 @@ def main() -> None:
         )
         print(f"{tokens:7d} {base_ms:9.3f} {grouped_ms:11.3f} {gather_ms:10.3f} {loop} {grouped_ms / base_ms:13.2f}")
     print("\none token per adapter (decode over distinct adapters)")
-    print(f"{'tokens':>7} {'base ms':>9} {'grouped ms':>11} {'gather ms':>10} {'window ms':>10} {'window/base':>12}")
+    fused = fused_kernel_works(device, dtype)
+    print(
+        f"{'tokens':>7} {'base ms':>9} {'grouped ms':>11} {'gather ms':>10} {'window ms':>10} {'window/base':>12} "
+        f"{'fused ms':>9}"
+    )
     for tokens in (int(t) for t in args.tokens.split(",") if int(t) <= args.adapters):
         x = torch.randn(tokens, args.fan_in, generator=generator).to(device, dtype)
         slots = torch.arange(tokens, device=device)
@@ -87,9 +94,15 @@ def main() -> None:
         grouped_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_grouped(x, a, b, s, e), device, args.repeats)
         gather_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_gather(x, a, b, s, e), device, args.repeats)
         window_ms = timed(lambda x=x, w=window: lora_delta_window(x, a, b, w), device, args.repeats)
+        y = x @ weight.T
+        fused_ms = (
+            f"{timed(lambda x=x, y=y, w=window, s=slots: lora_add_fused(y, x, a, b, w, s), device, args.repeats):9.3f}"
+            if fused and tokens >= 2
+            else f"{'-':>9}"
+        )
         print(
             f"{tokens:7d} {base_ms:9.3f} {grouped_ms:11.3f} {gather_ms:10.3f} {window_ms:10.3f} "
-            f"{window_ms / base_ms:12.2f}"
+            f"{window_ms / base_ms:12.2f} {fused_ms}"
         )
 
 

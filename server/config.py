@@ -135,9 +135,10 @@ class EngineSettings(_Section):
     idle_poll_s: float = Field(0.05, gt=0, description="how long the idle engine loop sleeps between inbox checks")
     lora_dtype: Literal["auto", "float32", "model"] = Field(
         "auto",
-        description="dtype of the adapters' device slot stacks: auto is float32 on CPU (one-row-per-adapter "
-        "matmuls in bfloat16 run at about half the float32 speed there, measured in loadtests/BENCHMARKS.md) and the "
-        "model's dtype elsewhere; float32 doubles the adapter bytes of a bfloat16 model within adapters.device_bytes",
+        description="dtype of the adapters' device slot stacks: auto is the model's dtype, except float32 on CPU "
+        "where the compiled fused LoRA kernel is unavailable (eager one-row-per-adapter matmuls in bfloat16 run at "
+        "about half the float32 speed there, measured in loadtests/BENCHMARKS.md); float32 doubles the adapter bytes "
+        "of a bfloat16 model within adapters.device_bytes",
     )
     lora_kernel: Literal["auto", "grouped", "gather"] = Field(
         "auto",

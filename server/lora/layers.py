@@ -2,7 +2,8 @@
 
 The base module runs once over all rows; each pool segment whose pool targets this module adds its delta to its
 row range through the kernel :class:`LoraKernels` picks for that segment's shape. The slot stacks may hold another
-dtype than the base (float32 LoRA on a bfloat16 base on CPU): the rows are cast to it and the delta added back.
+dtype than the base (float32 LoRA on a bfloat16 base on CPU without the fused kernel): the rows are cast to it and
+the delta added back. The fused kernel returns the segment's output rows itself (base output plus delta).
 No probing of module types on the hot path: the wrapper knows its layer index, module name and bias at
 construction.
 """
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import LoraKernels, apply_dora, lora_delta
+from loraplex.server.lora.ops import LoraBackend, LoraKernels, apply_dora, lora_add_fused, lora_delta
 
 
 class LoraLinear:
@@ -35,10 +36,14 @@ class LoraLinear:
             if stacks_a is None:
                 continue
             rows = slice(segment.start, segment.end)
-            backend = self._kernels.choose(segment.end - segment.start, segment.groups, segment.window)
+            dora = pool.key.dora
+            backend = self._kernels.choose(segment.end - segment.start, segment.groups, segment.window, dora)
             a, b = stacks_a[self.layer], pool.b[self.module][self.layer]
+            if backend is LoraBackend.FUSED and segment.window is not None and segment.window_offsets is not None:
+                y[rows] = lora_add_fused(y[rows], x[rows], a, b, segment.window, segment.window_offsets)
+                continue
             delta = lora_delta(backend, x[rows].to(a.dtype), a, b, segment.slots, segment.group_ends, segment.window)
-            if pool.key.dora:
+            if dora:
                 scale = pool.dora[self.module][self.layer].index_select(0, segment.slots)
                 y[rows] = apply_dora(y[rows], delta, self.bias, scale)
             else:

@@ -25,6 +25,7 @@ class LoraSegment:
     group_ends: torch.Tensor  # [pool.capacity] int32: one past the last row (relative to start) of each slot
     groups: int  # distinct slots among the rows
     window: SlotWindow | None  # set when every row has its own slot, in a narrow window (the window kernel)
+    window_offsets: torch.Tensor | None  # [end - start] long: each row's slot - window.first (the fused kernel)
 
 
 def _window(slots: list[int], device: torch.device) -> SlotWindow | None:
@@ -36,6 +37,12 @@ def _window(slots: list[int], device: torch.device) -> SlotWindow | None:
     if width == len(slots):
         return SlotWindow(first, width, None)
     return SlotWindow(first, width, torch.tensor([s - first for s in slots], dtype=torch.long, device=device))
+
+
+def _offsets(window: SlotWindow | None, rows: int, device: torch.device) -> torch.Tensor | None:
+    if window is None:
+        return None
+    return window.local if window.local is not None else torch.arange(rows, device=device)
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class LoraMapping:
                 row += n_rows
                 index += 1
             ends = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+            window = _window(slots, device)
             segments.append(
                 LoraSegment(
                     pool=pool,
@@ -69,7 +77,8 @@ class LoraMapping:
                     slots=torch.tensor(slots, dtype=torch.long, device=device),
                     group_ends=ends.to(device),
                     groups=sum(1 for count in counts if count),
-                    window=_window(slots, device),
+                    window=window,
+                    window_offsets=_offsets(window, len(slots), device),
                 )
             )
         return cls(tuple(segments))

@@ -18,11 +18,19 @@ Implementations (kernels), chosen per pool segment of every step by :class:`Lora
   most :data:`WINDOW_MAX_WIDTH_PER_ROW` times the rows wide, ``bmm`` over *views* of the stacks for that window
   (rows of empty slots in it are zeros). No weight is copied: on CPU at 32 decode rows of 32 adapters (rank 16)
   it takes 0.07-0.27 ms where gather takes 0.23-0.58 ms and grouped 0.56-0.72 ms.
+- ``fused`` (CPU, bfloat16/float16 stacks): the window case as one kernel compiled by TorchInductor that reads the
+  stacks' window once in their own dtype, accumulates in float32 and adds the delta into the base output (one
+  rounding). Eager ``bmm`` over reduced-precision stacks at one row per adapter runs at about half its float32
+  speed on CPU, which is why the stacks used to stay float32 under a bf16 base; this kernel reads half the bytes of
+  float32 stacks instead. Compiled once per process (warm from TorchInductor's disk cache after the first), probed
+  against the reference at start-up (:func:`fused_kernel_works`); where it does not compile (no C++ compiler), the
+  stacks stay float32 and the other kernels run.
 - :func:`lora_delta_reference` is the plain per-token definition above, for tests.
 
-The CPU rule, measured by ``loadtests/bench_lora_ops.py`` (see loadtests/BENCHMARKS.md): window where the segment
-has one; else gather when it has at most :data:`GATHER_MAX_ROWS` rows and at most
-:data:`GATHER_MAX_ROWS_PER_GROUP` rows per distinct adapter on average; grouped otherwise. On CUDA grouped is used
+The CPU rule, measured by ``loadtests/bench_lora_ops.py`` (see loadtests/BENCHMARKS.md): fused where the segment
+has a window of at least two rows and the stacks are bfloat16/float16 (not DoRA); window where it has one; else
+gather when it has at most :data:`GATHER_MAX_ROWS` rows and at most :data:`GATHER_MAX_ROWS_PER_GROUP` rows per
+distinct adapter on average; grouped otherwise. On CUDA grouped is used
 wherever it works (window where it does not).
 
 DoRA (per slot a magnitude scale ``g = m / ||W + s·B·A||`` over output rows, precomputed at load) turns the layer
@@ -31,12 +39,15 @@ output ``y = Wx + bias`` into ``bias + g ⊙ (Wx + delta)``: :func:`apply_dora`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +99,67 @@ def lora_delta_window(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, window:
     return delta.index_select(0, window.local)
 
 
+def _fused_window_add(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """``y + delta`` over a slot window's views ``a [W, in, R]``, ``b [W, R, out]``; row ``t`` uses window slot
+    ``offsets[t]``. Written as reductions (not ``bmm``) so TorchInductor fuses the casts, both contractions and the
+    add into one pass over the weights; empty window slots see zero rows."""
+    spread = x.new_zeros((a.shape[0], x.shape[1])).index_copy(0, offsets, x).float()
+    shrunk = (spread.unsqueeze(-1) * a.float()).sum(1)  # [W, R]
+    delta = (shrunk.unsqueeze(-1) * b.float()).sum(1)  # [W, out]
+    return (y.float() + delta.index_select(0, offsets)).to(y.dtype)
+
+
+@functools.cache
+def _compiled_fused_window_add() -> Callable[..., torch.Tensor]:
+    return torch.compile(_fused_window_add, dynamic=True)
+
+
+def lora_add_fused(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, window: SlotWindow, offsets: torch.Tensor
+) -> torch.Tensor:
+    """``y + delta`` for a segment with a slot window (``offsets``: each row's slot - ``window.first``), by the
+    compiled kernel. Sizes are symbolic and never unified (no duck shapes), so one compilation serves every module,
+    rank, window width and row count of two or more. The inputs are passed detached: a view would make the
+    compiled code guard on the layout of the tensor it views (the pool's stacks, the step's hidden states)."""
+    a_view = a.narrow(0, window.first, window.width).detach()
+    b_view = b.narrow(0, window.first, window.width).detach()
+    with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # installed by torch at import
+        return _compiled_fused_window_add()(y.detach(), x.detach(), a_view, b_view, offsets.detach())
+
+
+@functools.cache
+def fused_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernel compiles and matches the reference here: CPU and a reduced-precision dtype only (on
+    CUDA grouped_mm serves; float32 stacks gain nothing from it). Compiles it once per process, as the forward pass
+    calls it (stacks made outside inference mode, views of one layer's stack at offset zero and beyond, the call
+    under inference mode), at sizes of two or more (sizes of one would specialise)."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    started = time.perf_counter()
+    try:
+        generator = torch.Generator().manual_seed(0)
+        stacks_a = (torch.randn(2, 6, 64, 16, generator=generator) / 8).to(dtype)  # [layers, C, in, R]
+        stacks_b = (torch.randn(2, 6, 16, 48, generator=generator) / 4).to(dtype)
+        cases = ((0, SlotWindow(0, 3, None), [0, 1, 2]), (1, SlotWindow(1, 4, None), [1, 2, 4]))
+        all_offsets = [torch.tensor(slots) - window.first for _, window, slots in cases]  # made per step, outside
+        works = True
+        with torch.inference_mode():
+            x = torch.randn(3, 64, generator=generator).to(dtype)
+            y = torch.randn(3, 48, generator=generator).to(dtype)
+            for (layer, window, slots), offsets in zip(cases, all_offsets, strict=True):
+                a, b = stacks_a[layer], stacks_b[layer]
+                got = lora_add_fused(y, x, a, b, window, offsets).float()
+                want = y.float() + lora_delta_reference(x.float(), a.float(), b.float(), torch.tensor(slots))
+                works = works and bool(torch.allclose(got, want, rtol=2e-2, atol=5e-2))
+    except Exception as exc:  # any compiler or toolchain failure means: not here
+        log.warning("fused LoRA kernel unavailable on %s/%s (%s): keeping float32 slot stacks", device, dtype, exc)
+        return False
+    log.info("fused LoRA kernel for %s compiled in %.1f s: %s", dtype, time.perf_counter() - started, works)
+    return works
+
+
 def apply_dora(y: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """DoRA output ``bias + scale ⊙ (y - bias + delta)``: ``y, delta [T, out]``, ``scale [T, out]``."""
     if bias is None:
@@ -99,6 +171,7 @@ class LoraBackend(StrEnum):
     GROUPED = "grouped"
     GATHER = "gather"
     WINDOW = "window"
+    FUSED = "fused"
 
 
 def lora_delta(
@@ -131,10 +204,15 @@ class LoraKernels:
     grouped_works: bool
     by_shape: bool  # False: always the preferred kernel (grouped where it works)
     forced: LoraBackend | None = None
+    fused_works: bool = False  # the compiled fused kernel runs for these stacks (CPU, bf16/fp16)
 
-    def choose(self, rows: int, groups: int, window: SlotWindow | None = None) -> LoraBackend:
+    def choose(self, rows: int, groups: int, window: SlotWindow | None = None, dora: bool = False) -> LoraBackend:
+        """The kernel of one segment; FUSED returns the layer output itself (``lora_add_fused``), not a delta, so
+        it is never chosen for DoRA pools."""
         if self.forced is not None:
             return self.forced
+        if self.fused_works and window is not None and not dora and rows >= 2 and window.width >= 2:
+            return LoraBackend.FUSED
         if window is not None and (self.by_shape or not self.grouped_works):
             return LoraBackend.WINDOW
         if not self.grouped_works:
@@ -151,9 +229,10 @@ class LoraKernels:
         if not self.by_shape:
             return LoraBackend.GROUPED.value
         rows, per_group, width = GATHER_MAX_ROWS, GATHER_MAX_ROWS_PER_GROUP, WINDOW_MAX_WIDTH_PER_ROW
+        windowed = "fused (compiled)" if self.fused_works else "window"
         return (
-            f"by shape (window when every row has its own slot within {width:g}x the rows, gather up to {rows} rows "
-            f"and {per_group:g} rows/adapter, else grouped)"
+            f"by shape ({windowed} when every row has its own slot within {width:g}x the rows, gather up to {rows} "
+            f"rows and {per_group:g} rows/adapter, else grouped)"
         )
 
 
@@ -174,9 +253,11 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 def lora_stack_dtype(device: torch.device, model_dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
     """The dtype of the slot stacks (and so of the LoRA math): ``float32``, ``model`` (the base's dtype), or
-    ``auto``: float32 on CPU, where bf16 ``bmm`` over one row per adapter is about 2x slower than float32 even with
-    the cast of the rows in and out, and the model's dtype on accelerators."""
-    if requested == "float32" or (requested == "auto" and device.type == "cpu"):
+    ``auto``: the model's dtype, except on CPU where the fused kernel does not run (there bf16 ``bmm`` over one row
+    per adapter is about 2x slower than float32 even with the cast of the rows in and out)."""
+    if requested == "float32":
+        return torch.float32
+    if requested == "auto" and device.type == "cpu" and not fused_kernel_works(device, model_dtype):
         return torch.float32
     if requested in ("auto", "model"):
         return model_dtype
@@ -193,4 +274,9 @@ def select_kernels(device: torch.device, dtype: torch.dtype, requested: str = "a
             f"engine.lora_kernel=grouped: torch._grouped_mm does not run on {device.type} with {dtype}; "
             "use auto or gather"
         )
-    return LoraKernels(grouped_works=grouped_works, by_shape=device.type == "cpu", forced=forced)
+    return LoraKernels(
+        grouped_works=grouped_works,
+        by_shape=device.type == "cpu",
+        forced=forced,
+        fused_works=fused_kernel_works(device, dtype),
+    )

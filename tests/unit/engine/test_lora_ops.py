@@ -15,6 +15,8 @@ from loraplex.server.lora.ops import (
     LoraKernels,
     SlotWindow,
     apply_dora,
+    fused_kernel_works,
+    lora_add_fused,
     lora_delta,
     lora_delta_gather,
     lora_delta_grouped,
@@ -124,6 +126,13 @@ def test_cpu_kernels_are_chosen_by_the_segment_shape() -> None:
     assert LoraKernels(grouped_works=True, by_shape=False).choose(32, 32, window) is LoraBackend.GROUPED  # CUDA
     assert LoraKernels(grouped_works=False, by_shape=False).choose(32, 32, window) is LoraBackend.WINDOW
     assert select_kernels(torch.device("cpu"), torch.float32, "gather").choose(32, 32, window) is LoraBackend.GATHER
+    fused = select_kernels(torch.device("cpu"), torch.bfloat16)
+    assert fused.fused_works and "fused" in fused.describe()
+    assert fused.choose(rows=32, groups=32, window=window) is LoraBackend.FUSED  # decode over distinct adapters
+    assert fused.choose(rows=32, groups=32, window=window, dora=True) is LoraBackend.WINDOW  # DoRA needs the delta
+    assert fused.choose(rows=1, groups=1, window=SlotWindow(3, 1, None)) is LoraBackend.WINDOW  # size one: eager
+    assert fused.choose(rows=32, groups=32) is LoraBackend.GATHER  # no window
+    assert fused.choose(rows=300, groups=8) is LoraBackend.GROUPED  # prefill
 
 
 def test_forced_and_unavailable_kernels() -> None:
@@ -141,7 +150,11 @@ def test_forced_and_unavailable_kernels() -> None:
 
 def test_lora_stack_dtype_rule() -> None:
     cuda = torch.device("cuda")
-    assert lora_stack_dtype(CPU, torch.bfloat16) is torch.float32  # auto on CPU
+    fused = fused_kernel_works(CPU, torch.bfloat16)
+    assert fused  # this machine has a C++ compiler: TorchInductor builds the fused kernel
+    assert lora_stack_dtype(CPU, torch.bfloat16) is torch.bfloat16  # auto on CPU with the fused kernel
+    assert lora_stack_dtype(CPU, torch.float32) is torch.float32
+    assert not fused_kernel_works(CPU, torch.float32)  # float32 stacks keep the eager kernels
     assert lora_stack_dtype(cuda, torch.bfloat16) is torch.bfloat16  # auto elsewhere: the model's dtype
     assert lora_stack_dtype(CPU, torch.bfloat16, "model") is torch.bfloat16
     assert lora_stack_dtype(cuda, torch.bfloat16, "float32") is torch.float32
@@ -183,3 +196,77 @@ def test_float32_stacks_under_a_bfloat16_base_add_the_float32_delta(tmp_path: Pa
                 want[row : row + count] += (x[row : row + count].float() @ module.a.T) @ module.b.T
                 row += count
             torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("slot_list", "first", "width", "rank", "fan_in", "fan_out"),
+    [
+        ([0, 1, 2, 3], 0, 4, 8, 576, 192),  # the window at offset zero of the stack, rows fill it
+        ([5, 6, 8, 11], 5, 7, 16, 576, 1536),  # gaps: empty slots see zero rows
+        ([2, 3], 2, 2, 64, 1536, 576),
+        (list(range(3, 35)), 3, 32, 16, 576, 576),  # a decode batch of 32 adapters
+    ],
+)
+def test_fused_kernel_matches_reference(
+    dtype: torch.dtype, slot_list: list[int], first: int, width: int, rank: int, fan_in: int, fan_out: int
+) -> None:
+    """``y + delta`` from the compiled kernel against float64 (reduced-precision inputs, float32 accumulation, one
+    rounding into the output dtype), on per-layer stacks of another layer than the first, as the pool holds them."""
+    generator = torch.Generator().manual_seed(rank + width)
+    rows = len(slot_list)
+    layers_a = [(torch.randn(40, fan_in, rank, generator=generator) / fan_in**0.5).to(dtype) for _ in range(2)]
+    layers_b = [(torch.randn(40, rank, fan_out, generator=generator) / rank**0.5).to(dtype) for _ in range(2)]
+    a, b = layers_a[1], layers_b[1]
+    hidden = torch.randn(rows + 2, fan_in, generator=generator).to(dtype)
+    x = hidden[1 : rows + 1]  # a row range of the step's batch: a view, as in the forward pass
+    y = torch.randn(rows, fan_out, generator=generator).to(dtype)
+    slots = torch.tensor(slot_list)
+    window = SlotWindow(first, width, None if width == rows else slots - first)
+    with torch.inference_mode():
+        got = lora_add_fused(y, x, a, b, window, slots - first)
+    assert got.dtype is dtype and got.shape == (rows, fan_out)
+    want = y.double() + lora_delta_reference(x.double(), a.double(), b.double(), slots)
+    rounding = torch.finfo(dtype).eps * want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 2 * rounding + 1e-3
+    assert not torch.equal(got, y)  # the delta was added
+
+
+def test_fused_kernel_through_lora_linear_with_bf16_stacks(tmp_path: Path) -> None:
+    """A bf16 base with bf16 slot stacks: the decode window goes through the fused kernel and equals the float32
+    definition within bf16 rounding; a DoRA-free gather and a grouped prefill over the same stacks agree too."""
+    shape = ModelShape("llama", 64, 2, 4, 2, 16, 128, 100)
+    weights = [
+        read_adapter(
+            name,
+            write_adapter(tmp_path / name, shape, 8, seed=seed),
+            shape,
+            AdapterLimits(max_rank=64, max_file_bytes=1 << 30),
+        )
+        for seed, name in enumerate(("a", "b", "c"))
+    ]
+    slots = DeviceSlots(shape, 8, 1 << 30, torch.bfloat16, CPU)
+    placements = [slots.place(w) for w in weights]
+    assert all(placement is not None for placement in placements)
+    base = torch.nn.Linear(64, 64, bias=True).to(torch.bfloat16)
+    kernels = select_kernels(CPU, torch.bfloat16)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    for rows, backend in (
+        ([(0, 1), (1, 1), (2, 1)], LoraBackend.FUSED),
+        ([(0, 2), (1, 2), (2, 2)], LoraBackend.GATHER),
+        ([(0, 6)], LoraBackend.GROUPED),
+    ):
+        mapping = LoraMapping.build([(placements[i].pool, placements[i].slot, n) for i, n in rows], CPU)  # type: ignore[union-attr]
+        segment = mapping.segments[0]
+        assert kernels.choose(segment.end - segment.start, segment.groups, segment.window) is backend
+        n_rows = sum(n for _, n in rows)
+        with torch.inference_mode():
+            got = LoraLinear(base, 1, "q_proj", kernels)(x[:n_rows], mapping)
+        want = base(x[:n_rows]).float()
+        assert got.dtype is torch.bfloat16
+        row = 0
+        for index, count in rows:
+            module = weights[index].modules[(1, "q_proj")]
+            want[row : row + count] += (x[row : row + count].float() @ module.a.T) @ module.b.T
+            row += count
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=3e-2)
