@@ -68,6 +68,11 @@ _MAX_REPETITION_PENALTY = 100.0
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
+def _not_accepting() -> ShuttingDown:
+    """The refusal of a request that arrives while the engine drains or after it stopped."""
+    return ShuttingDown("the server is draining or stopped; retry on another replica")
+
+
 class LoopHandoff:
     """Events bound for one event loop, gathered while the engine steps and handed over in one
     ``call_soon_threadsafe`` per step (not one per token: each call wakes the loop and contends for the GIL)."""
@@ -352,7 +357,7 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         """Accepts a request or raises its error at once. Events then arrive at ``sink`` from the engine thread."""
         if not self._accepting:
-            raise ShuttingDown("the server is draining or stopped; retry on another replica")
+            raise _not_accepting()
         self._validate_and_queue(request, sink)
 
     def _submit_accepted(self, request: GenerationRequest, sink: EventSink) -> None:
@@ -417,7 +422,7 @@ class Engine:
         sink = AsyncSink(self._handoff(loop), self.settings.engine.max_stream_backlog, self._on_engine_thread)
         with self._lock:  # accepted now, on arrival: a drain from here on waits for it instead of refusing it
             if not self._accepting:
-                raise ShuttingDown("the server is draining or stopped; retry on another replica")
+                raise _not_accepting()
             self._pending_submits += 1
         try:  # validation and tokenization (their cost grows with the prompt) off the event loop, in arrival order
             await loop.run_in_executor(self._submitter, self._submit_accepted, request, sink)
@@ -428,7 +433,7 @@ class Engine:
         except RuntimeError as exc:  # the submitter is shut down: the engine has stopped
             if not self._stopped:
                 raise
-            raise ShuttingDown("the server is draining or stopped; retry on another replica") from exc
+            raise _not_accepting() from exc
         finished = False
         try:
             while True:
