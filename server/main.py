@@ -169,8 +169,8 @@ async def serve(settings: Settings, handoff: EngineHandoff) -> int:
         metrics.shutdown()
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host and not host.startswith("[") else f"http://{host}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{scheme}://{host}:{port}"
 
 
 async def _serve(
@@ -189,7 +189,7 @@ async def _serve(
         raise
     if http is not None:
         http.start()
-        log.info("HTTP API (OpenAI-compatible) on %s", _url(settings.server.host, http.port))
+        log.info("HTTP API (OpenAI-compatible) on %s", _url(settings.server.host, http.port, http.scheme))
     log.info(
         "listening on %s:%d (%s, auth %s)",
         settings.server.host,

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+) ")
-_HTTP_LISTENING = re.compile(r"HTTP API \(OpenAI-compatible\) on http://(\S+):(\d+)")
+_HTTP_LISTENING = re.compile(r"HTTP API \(OpenAI-compatible\) on (https?)://(\S+):(\d+)")
 START_TIMEOUT_S = 180.0  # the base model loads in seconds, but a busy 2-core machine can take much longer
 
 
@@ -32,6 +32,7 @@ class ServerProcess:
         self.log_path = log_path
         self.port = 0
         self.http_port = 0  # 0 while the HTTP API is off (--http-port -1)
+        self.http_scheme = "http"  # https when the server has TLS
 
     @classmethod
     def start(
@@ -54,7 +55,8 @@ class ServerProcess:
         try:
             server.port = int(server.wait_for_log(_LISTENING, timeout).group(2))
             http = _HTTP_LISTENING.search(server.log())
-            server.http_port = int(http.group(2)) if http else 0
+            if http:
+                server.http_scheme, server.http_port = http.group(1), int(http.group(3))
             if wait == "serving":
                 server.wait_for_log(re.compile(r"loraplex\.server: serving"), timeout)
         except BaseException:
@@ -69,7 +71,7 @@ class ServerProcess:
     @property
     def http_url(self) -> str:
         """The HTTP API's base URL (OpenAI clients take it with ``/v1`` appended)."""
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.http_scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

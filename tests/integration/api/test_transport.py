@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from loraplex.client import Client, ResourceExhaustedError, UnavailableError
@@ -99,3 +101,21 @@ def test_messages_over_the_size_limit_are_refused(client: Client) -> None:
         client.generate("x" * (MAX_MESSAGE_BYTES + 1))
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in raised.value.message
+
+
+def test_the_http_api_speaks_https_only_with_the_grpc_ports_certificate(
+    tls_server: ServerProcess, certificates: Certificates
+) -> None:
+    assert tls_server.http_url.startswith("https://")
+    pair = (str(certificates.client_cert), str(certificates.client_key))
+    with httpx.Client(verify=ssl.create_default_context(cafile=certificates.ca), cert=pair, timeout=30) as https:
+        assert https.get(f"{tls_server.http_url}/health").json()["status"] == "ok"
+        answer = https.post(
+            f"{tls_server.http_url}/v1/completions",
+            json={"model": ADAPTERS[0], "prompt": PROMPT, "max_tokens": 2, "ignore_eos": True},
+        )
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+    with pytest.raises(httpx.HTTPError):  # plain HTTP on the port: no HTTP answer
+        httpx.get(f"http://127.0.0.1:{tls_server.http_port}/health", timeout=10)
+    with pytest.raises(httpx.HTTPError):  # the gRPC port's mutual-TLS rule: no client certificate, no answer
+        httpx.get(f"{tls_server.http_url}/health", verify=ssl.create_default_context(cafile=certificates.ca))
