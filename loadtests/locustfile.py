@@ -4,6 +4,8 @@ Users (pick some by class name on the command line, or run them all; ``--admin-u
 
   StreamUser  GenerateStream on an adapter: "GenerateStream ttft" (first message) and "GenerateStream e2e" entries
   UnaryUser   Generate on an adapter: "Generate"
+  OpenAIUser  streaming chat completions on an adapter over the OpenAI-compatible HTTP API at --http-host:
+              "POST /v1/chat/completions stream ttft" and "... e2e" entries
   RouteUser   Generate through an A/B route with stable user_keys: "Generate route"; a key that moves to another
               variant is a failure. The route is --route, or one this test creates (SetRoute) and deletes again
   AdminUser   loads, replaces (rewrites the files under --churn-root, then LoadAdapter: a new version) and unloads
@@ -26,9 +28,11 @@ import itertools
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 from locust import between, events, task
 from locust.env import Environment
 
@@ -42,12 +46,16 @@ from loadtests.entries import (  # noqa: E402
     ADMIN_REPLACE,
     ADMIN_UNLOAD,
     E2E_NAMES,
+    E2E_SUFFIX,
+    HTTP_STREAM,
     ROUTED,
     STREAM,
     TTFT_NAMES,
+    TTFT_SUFFIX,
     UNARY,
 )
 from loadtests.grpc_user import CheckFailed, GrpcUser  # noqa: E402
+from loadtests.http_user import chat_body, stream_chunks  # noqa: E402
 from loadtests.thresholds import Thresholds, observe, violations  # noqa: E402
 from loadtests.workload import Distribution, RequestMix, adapter_ids, prompt_text  # noqa: E402
 from loraplex.client import Client, Route, Variant  # noqa: E402
@@ -63,6 +71,7 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("zipf-s", float, 1.0, "Zipf exponent of adapter popularity (0 = uniform)"),
     ("prompt-words", str, "uniform:8:48", "prompt length in words (distribution)"),
     ("max-new-tokens", str, "uniform:8:32", "max_new_tokens per request (distribution)"),
+    ("http-host", str, "", "the server's HTTP API for OpenAIUser, http://HOST:PORT (its --http-port)"),
     ("ignore-eos", int, 1, "1: generate exactly max_new_tokens (EOS ignored)"),
     ("think-time", str, "0.1:0.5", "seconds a user waits between its requests, LO:HI"),
     ("request-timeout", float, 120.0, "deadline of one call in seconds"),
@@ -96,6 +105,7 @@ class Plan:
     seeds: ClassVar[itertools.count[int]] = itertools.count()
     seed: ClassVar[int] = 0
     route: ClassVar[str] = ""
+    http_host: ClassVar[str] = ""
     route_adapters: ClassVar[tuple[str, ...]] = ()
     created_route: ClassVar[bool] = False
     route_keys: ClassVar[tuple[str, ...]] = ()
@@ -127,6 +137,7 @@ def configure(options: Any) -> None:
     Plan.ignore_eos = bool(options.ignore_eos)
     Plan.seed = options.seed
     Plan.route = options.route
+    Plan.http_host = options.http_host
     Plan.route_keys = tuple(f"user-{k}" for k in range(options.route_keys))
     Plan.churn_pool = adapter_ids(options.churn_prefix, options.churn_count)
     Plan.churn_root = Path(options.churn_root) if options.churn_root else None
@@ -134,7 +145,7 @@ def configure(options: Any) -> None:
         options.max_failure_ratio, options.max_p95_ttft_ms, options.max_p99_e2e_ms, options.min_rps
     )
     low, _, high = options.think_time.partition(":")
-    for user in (StreamUser, UnaryUser, RouteUser, AdminUser):
+    for user in (StreamUser, UnaryUser, OpenAIUser, RouteUser, AdminUser):
         user.wait_time = between(float(low), float(high or low))
     GrpcUser.request_timeout = options.request_timeout
     AdminUser.fixed_count = options.admin_users
@@ -218,6 +229,44 @@ class UnaryUser(_TrafficUser):
     def send_unary(self) -> None:
         prompt, options = self.next_request()
         self.generate(UNARY, prompt, **options)
+
+
+class OpenAIUser(_TrafficUser):
+    """The stream user's traffic over HTTP: the same draws, timed the same way (first chunk with a token, end)."""
+
+    weight = 1
+    http: httpx.Client
+
+    def on_start(self) -> None:
+        super().on_start()
+        if not Plan.http_host:
+            raise ValueError("set the server's HTTP API with --http-host http://HOST:PORT")
+        self.http = httpx.Client(base_url=Plan.http_host, timeout=GrpcUser.request_timeout)
+
+    def on_stop(self) -> None:
+        self.http.close()
+        super().on_stop()
+
+    @task
+    def send_chat_stream(self) -> None:
+        draw = Plan.mix.draw(self.rng)
+        body = chat_body(draw.adapter, draw.prompt, draw.max_new_tokens, Plan.ignore_eos)
+        started, first_seen, length = time.perf_counter(), False, 0
+        try:
+            for chunk in stream_chunks(self.http, body):
+                text = "".join(choice["delta"].get("content") or "" for choice in chunk["choices"])
+                if text and not first_seen:
+                    first_seen = True
+                    self.fire(HTTP_STREAM + TTFT_SUFFIX, started)
+                length += len(text.encode())
+                if chunk.get("usage"):
+                    GrpcUser.generated_tokens += chunk["usage"]["completion_tokens"]
+        except Exception as error:
+            if not first_seen:
+                self.fire(HTTP_STREAM + TTFT_SUFFIX, started, 0, error)
+            self.fire(HTTP_STREAM + E2E_SUFFIX, started, length, error)
+            return
+        self.fire(HTTP_STREAM + E2E_SUFFIX, started, length)
 
 
 class RouteUser(_TrafficUser):

@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.adapters,
                 args.churn,
                 churn_root,
-                [*thresholds, *args.locust_args],
+                [f"--http-host={server.http_url}", *thresholds, *args.locust_args],
             )
             code = subprocess.run(command, check=False).returncode
             stopped = server.stop()

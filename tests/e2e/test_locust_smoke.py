@@ -1,7 +1,8 @@
 """End to end: the Locust load test (``loadtests/locustfile.py``) headless against a real server with synthetic
 adapters, as ``make loadtest`` runs it. A ~25 s run with loose thresholds must pass, its CSV must show traffic from
-every user type (stream TTFT and end-to-end, unary, A/B route, admin load/replace/unload) with failures within the
-threshold; a short run with a threshold no server can meet must exit non-zero and say which one was missed."""
+every user type (stream TTFT and end-to-end over gRPC and over the OpenAI HTTP API, unary, A/B route, admin
+load/replace/unload) with failures within the threshold; a short run with a threshold no server can meet must exit
+non-zero and say which one was missed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.entries import ADMIN_LOAD, ADMIN_REPLACE, ADMIN_UNLOAD, E2E_SUFFIX, ROUTED, STREAM, TTFT_SUFFIX, UNARY
+from loadtests.entries import (
+    ADMIN_LOAD,
+    ADMIN_REPLACE,
+    ADMIN_UNLOAD,
+    E2E_SUFFIX,
+    HTTP_STREAM,
+    ROUTED,
+    STREAM,
+    TTFT_SUFFIX,
+    UNARY,
+)
 from loadtests.run_loadtest import (
     CHURN_PREFIX,
     TRAFFIC_PREFIX,
@@ -65,7 +76,7 @@ def _locust(running: Running, csv_prefix: Path, users: int, seconds: int, extra:
         TRAFFIC_ADAPTERS,
         CHURN_ADAPTERS,
         running.churn_root,
-        extra,
+        (f"--http-host={running.server.http_url}", *extra),
     )
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
     return f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -82,7 +93,8 @@ def test_headless_run_with_loose_thresholds_passes(running: Running, tmp_path: P
     assert output.startswith("exit 0"), output[-4000:]
     assert "all thresholds met" in output
     stats = _stats(prefix)
-    for name in (STREAM + TTFT_SUFFIX, STREAM + E2E_SUFFIX, UNARY, ROUTED, ADMIN_LOAD, ADMIN_REPLACE, ADMIN_UNLOAD):
+    streams = (STREAM + TTFT_SUFFIX, STREAM + E2E_SUFFIX, HTTP_STREAM + TTFT_SUFFIX, HTTP_STREAM + E2E_SUFFIX)
+    for name in (*streams, UNARY, ROUTED, ADMIN_LOAD, ADMIN_REPLACE, ADMIN_UNLOAD):
         assert name in stats, f"no '{name}' entry in the CSV: {sorted(stats)}"
         assert int(stats[name]["Request Count"]) > 0, name
     total = stats["Aggregated"]
