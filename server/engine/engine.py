@@ -23,6 +23,7 @@ import torch
 
 from loraplex.server.config import Settings
 from loraplex.server.engine.batch import build_step
+from loraplex.server.engine.constraints import ConstraintCompiler
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.server.engine.errors import (
     AdapterRejected,
@@ -212,6 +213,7 @@ class Engine:
         self._backend_tokenizer = base.tokenizer.backend_tokenizer
         self._tokenizer_lock = threading.Lock()
         self.eos_ids = self._eos_ids()
+        self.constraints = ConstraintCompiler(self.tokenizer, shape.vocab_size, self.eos_ids)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -386,11 +388,13 @@ class Engine:
             raise DeadlineExceeded("the deadline passed before the request was accepted")
         if request.adapter_id:
             self.adapters.check(request.adapter_id)  # the lookup (a disk read) starts near the queue's front
+        constraint = request.sampling.constraint
+        matcher = self.constraints.matcher(constraint) if constraint is not None else None  # compiled off the loop
         seq = Sequence(
             request=request,
             prompt_ids=prompt_ids,
             sink=sink,
-            sampler=SamplerState.create(request.sampling, prompt_ids, self.base.device),
+            sampler=SamplerState.create(request.sampling, prompt_ids, self.base.device, matcher),
             detokenizer=IncrementalDetokenizer(self._backend_tokenizer, prompt_ids),
             stop=StopMatcher(request.sampling.stop),
             eos_ids=frozenset() if request.sampling.ignore_eos else self.eos_ids,
@@ -633,7 +637,9 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = now
         seq.output_ids.append(token)
-        seq.sampler.observe(token)
+        if not seq.sampler.observe(token):
+            self._fail(seq, InternalError("the structured-output constraint refused a sampled token"))
+            return
         seq.logprob_sum += logprob
         reason: FinishReason | None = None
         if token in seq.eos_ids:
@@ -643,6 +649,9 @@ class Engine:
             text = seq.stop.feed(seq.detokenizer.push(token))
             if seq.stop.stopped:
                 reason = FinishReason.STOP
+            elif seq.sampler.matcher is not None and seq.sampler.matcher.complete:  # the grammar allows only EOS
+                reason = FinishReason.STOP
+                text += seq.stop.feed(seq.detokenizer.flush())
         if reason is None and len(seq.output_ids) >= seq.request.sampling.max_new_tokens:
             reason = FinishReason.LENGTH
             text += seq.stop.feed(seq.detokenizer.flush())

@@ -20,8 +20,13 @@ such :class:`SamplerState` keeps a boolean mask of the seen tokens over the voca
 the same tokens whatever else shares its batch and in whatever row order. When every row is plain greedy without a
 penalty (the common case) a call costs an argmax, a log-softmax gather and the transfer.
 
-The returned log-probability is the chosen token's log-softmax under the raw model logits (before penalty and
-temperature). Tokens and log-probabilities come back to the host in one device→host transfer per call.
+Structured output: a row with a constraint (a :class:`TokenMatcher`) first has every token its grammar does not
+allow next set to ``-inf`` (EOS only where the grammar accepts), from one ``[rows, vocab]`` mask per call filled
+only for the constrained rows (:func:`allowed_tokens`); :meth:`SamplerState.observe` advances the matcher. A call
+without constrained rows builds no mask.
+
+The returned log-probability is the chosen token's log-softmax under the raw model logits (before constraint,
+penalty and temperature). Tokens and log-probabilities come back to the host in one device→host transfer per call.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.server.engine.constraints import TokenMatcher, allowed_tokens
 from loraplex.server.engine.types import SamplingParams
 
 _CPU = torch.device("cpu")
@@ -39,7 +45,8 @@ _EXACT_FLOAT32_INTS = 2**24  # row indices and token ids travel as float32 below
 
 @dataclass(eq=False)
 class SamplerState:
-    """What sampling remembers about one sequence: its parameters, generator and (with a penalty) seen tokens."""
+    """What sampling remembers about one sequence: its parameters, generator, (with a penalty) seen tokens and
+    (with a constraint) grammar matcher."""
 
     params: SamplingParams
     generator: torch.Generator | None  # on the CPU; None for greedy rows
@@ -48,9 +55,12 @@ class SamplerState:
     penalised: bool
     _pending: list[int] = field(default_factory=list)  # seen ids not yet in the mask (it is sized on first use)
     _seen: torch.Tensor | None = None  # bool [vocab] on ``device``, only for rows with a penalty
+    matcher: TokenMatcher | None = None  # only for rows with a constraint
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_ids: list[int], device: torch.device) -> SamplerState:
+    def create(
+        cls, params: SamplingParams, prompt_ids: list[int], device: torch.device, matcher: TokenMatcher | None = None
+    ) -> SamplerState:
         greedy = params.temperature == 0
         penalised = params.repetition_penalty != 1.0
         generator: torch.Generator | None = None
@@ -60,21 +70,25 @@ class SamplerState:
                 generator.seed()
             else:
                 generator.manual_seed(params.seed)
-        return cls(params, generator, device, greedy, penalised, list(prompt_ids) if penalised else [])
+        return cls(params, generator, device, greedy, penalised, list(prompt_ids) if penalised else [], matcher=matcher)
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without a penalty: the argmax of the raw logits."""
-        return self.greedy and not self.penalised
+        """Greedy without a penalty or constraint: the argmax of the raw logits."""
+        return self.greedy and not self.penalised and self.matcher is None
 
-    def observe(self, token: int) -> None:
-        """Records a generated token (for the repetition penalty; a no-op without one)."""
+    def observe(self, token: int) -> bool:
+        """Records a generated token (for the repetition penalty and the constraint); False when the constraint
+        refused it."""
+        if self.matcher is not None and not self.matcher.advance(token):
+            return False
         if not self.penalised:
-            return
+            return True
         if self._seen is None:
             self._pending.append(token)
         else:
             self._seen[token].fill_(True)
+        return True
 
     def seen_mask(self, vocab: int) -> torch.Tensor:
         """The bool ``[vocab]`` mask of the tokens seen in the prompt and output (rows with a penalty only)."""
@@ -182,6 +196,14 @@ def _check(logits: torch.Tensor, states: list[SamplerState]) -> None:
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} sampler states")
 
 
+def _constrain(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """``logits`` with the tokens the constrained rows' grammars disallow at ``-inf`` (itself without any)."""
+    matchers = [state.matcher for state in states]
+    if all(matcher is None for matcher in matchers):
+        return logits
+    return logits.masked_fill(~allowed_tokens(matchers, logits.shape[-1], logits.device), _NEG_INF)
+
+
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[float]]:
     """``logits [S, vocab]`` float32, one state per row → (token ids, raw log-probabilities of those tokens)."""
     _check(logits, states)
@@ -189,7 +211,7 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int],
         return [], []
     if all(state.plain_greedy for state in states):
         return _answer(logits, logits.argmax(dim=-1))
-    prepared = _prepare(logits, states, draw=True)
+    prepared = _prepare(_constrain(logits, states), states, draw=True)
     if prepared.filtered is None or prepared.uniforms is None or prepared.sampled is None:
         return _answer(logits, prepared.scores.argmax(dim=-1))
     drawn = _draw(prepared.filtered, prepared.uniforms)
@@ -204,7 +226,7 @@ def filtered_logprobs(logits: torch.Tensor, states: list[SamplerState]) -> torch
     mass (0) on the argmax of the penalised scores. Draws nothing from the generators.
     """
     _check(logits, states)
-    prepared = _prepare(logits, states, draw=False)
+    prepared = _prepare(_constrain(logits, states), states, draw=False)
     out = torch.full_like(logits, _NEG_INF)
     out.scatter_(1, prepared.scores.argmax(dim=-1, keepdim=True), 0.0)
     if prepared.filtered is not None and prepared.sampled is not None:

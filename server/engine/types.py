@@ -10,6 +10,21 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
+class ConstraintKind(StrEnum):
+    JSON_SCHEMA = "json_schema"  # text: a JSON schema
+    JSON_OBJECT = "json_object"  # any JSON object; text unused
+    REGEX = "regex"  # text: a regular expression the whole output matches
+    GRAMMAR = "grammar"  # text: a Lark or GBNF grammar
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: every generated token keeps the output a prefix of a string the spec accepts."""
+
+    kind: ConstraintKind
+    text: str = ""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those."""
@@ -23,6 +38,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # structured output (server/engine/constraints.py)
 
 
 @dataclass(frozen=True)

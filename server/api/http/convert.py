@@ -2,20 +2,31 @@
 
 Requests become a :class:`Spec` (what to generate, how, for which ``model``), with everything loraplex cannot do
 refused by name: ``n`` other than 1, top-``k`` alternatives in ``logprobs``/``top_logprobs`` (the engine reports
-the sampled token's log-probability only), penalties other than ``repetition_penalty``, tools, structured output.
+the sampled token's log-probability only), penalties other than ``repetition_penalty``, tools. Structured output
+(``response_format`` or vLLM's ``guided_*``) becomes the engine's :class:`Constraint`, which the engine compiles
+(an uncompilable one is its InvalidRequest).
 Engine events become OpenAI's bodies and stream chunks; each names what served it in ``model`` (the adapter id, or
 ``base``) and carries loraplex's own ``loraplex`` object (request id, adapter, version, route, variant).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from loraplex.server.api.http.errors import InvalidField
 from loraplex.server.api.http.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest, SamplingFields
 from loraplex.server.api.targets import Target
-from loraplex.server.engine.types import ChatMessage, Finished, SamplingParams, TokenDelta, Usage
+from loraplex.server.engine.types import (
+    ChatMessage,
+    Constraint,
+    ConstraintKind,
+    Finished,
+    SamplingParams,
+    TokenDelta,
+    Usage,
+)
 from loraplex.server.routing.routes import BASE_MODEL
 
 Kind = Literal["completion", "chat"]
@@ -55,6 +66,42 @@ def _refuse_unsupported(body: SamplingFields) -> None:
         raise InvalidField("stream_options is only for stream: true", "stream_options")
 
 
+def _response_format(value: dict[str, Any]) -> Constraint | None:
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint(ConstraintKind.JSON_OBJECT)
+    if kind != "json_schema":
+        raise InvalidField(
+            f"response_format.type must be text, json_object or json_schema (got {kind!r})", "response_format"
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
+        raise InvalidField(
+            'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}', "response_format"
+        )
+    return Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(spec.get("schema", {})))
+
+
+def _constraint(body: SamplingFields) -> Constraint | None:
+    """The structured output asked for: ``response_format`` or one of vLLM's ``guided_*`` fields, not both."""
+    given: list[Constraint | None] = []
+    if body.response_format is not None:
+        given.append(_response_format(body.response_format))
+    if body.guided_json is not None:
+        schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
+        given.append(Constraint(ConstraintKind.JSON_SCHEMA, schema))
+    if body.guided_regex is not None:
+        given.append(Constraint(ConstraintKind.REGEX, body.guided_regex))
+    if body.guided_grammar is not None:
+        given.append(Constraint(ConstraintKind.GRAMMAR, body.guided_grammar))
+    constraints = [c for c in given if c is not None]
+    if len(constraints) > 1:
+        raise InvalidField("send one of response_format, guided_json, guided_regex, guided_grammar", "response_format")
+    return constraints[0] if constraints else None
+
+
 def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: bool, default_max: int) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return SamplingParams(
@@ -67,6 +114,7 @@ def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: bool, defa
         stop=stop,
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
+        constraint=_constraint(body),
     )
 
 
@@ -122,8 +170,6 @@ def chat_spec(body: ChatCompletionRequest, default_max: int) -> Spec:
         )
     if body.tools:
         raise InvalidField("tools are not supported", "tools")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise InvalidField("response_format other than {'type': 'text'} is not supported yet", "response_format")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = _sampling(body, max_tokens, body.logprobs, default_max)
     messages = tuple(_chat_message(i, m) for i, m in enumerate(body.messages))

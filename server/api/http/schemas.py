@@ -2,7 +2,8 @@
 
 Fields loraplex cannot honour are declared too, so that a request using them is refused by name (see
 :mod:`.convert`) rather than silently ignored; fields no peer defines are ignored, as vLLM and OpenAI do.
-``top_k``, ``repetition_penalty`` and ``ignore_eos`` are the sampling extras vLLM accepts.
+``top_k``, ``repetition_penalty`` and ``ignore_eos`` are the sampling extras vLLM accepts, and ``guided_json``,
+``guided_regex`` and ``guided_grammar`` its structured-output extras (beside OpenAI's ``response_format``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the sticky key of an A/B route
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -64,7 +69,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
