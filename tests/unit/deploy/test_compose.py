@@ -84,7 +84,7 @@ def test_loraplex_builds_the_image_and_publishes_the_ports_it_listens_on(
     assert loraplex["image"].endswith(f":{variant}")
     settings = server_settings(loraplex, variant, tmp_path)  # valid: auth is decided (loopback-only publishing)
     ports = published(loraplex)
-    assert set(ports) == {settings.server.port, settings.server.metrics_port}
+    assert set(ports) == {settings.server.port, settings.server.metrics_port, settings.server.http_port}
     assert all(address.startswith("127.0.0.1:") for address in ports.values()), "no auth: loopback only"
     volumes = mounts(loraplex)
     assert image_env(variant)["LORAPLEX_CACHE_DIR"] in volumes

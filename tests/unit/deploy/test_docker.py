@@ -121,7 +121,7 @@ def test_the_image_listens_beyond_loopback_only_once_auth_is_decided(
     settings = effective_settings(None, {**env, "LORAPLEX_AUTH__ALLOW_REMOTE_WITHOUT_AUTH": "true"}, tmp_path)
     assert settings.server.host == "0.0.0.0"
     exposed = {int(port) for args in runtime.args("EXPOSE") for port in args.split()}
-    assert exposed == {settings.server.port, settings.server.metrics_port}
+    assert exposed == {settings.server.port, settings.server.metrics_port, settings.server.http_port}
     if variant == "cuda":
         assert (settings.model.device, settings.model.quantization) == ("cuda", "nf4")
 

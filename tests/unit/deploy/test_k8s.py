@@ -123,8 +123,9 @@ def test_probes_are_native_grpc_health_on_the_server_port(
 ) -> None:
     objects = rendered[overlay]
     server = server_of(objects)
-    port = settings_of(objects, overlay, tmp_path).server.port
-    assert port_named(server, "grpc") == port
+    settings = settings_of(objects, overlay, tmp_path).server
+    port = settings.port
+    assert port_named(server, "grpc") == port and port_named(server, "http") == settings.http_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"] == {"port": port}, probe  # service "": the server as a whole
     startup = server["startupProbe"]
@@ -253,6 +254,7 @@ def test_selectors_and_ports_connect(rendered: dict[str, list[Manifest]], overla
         assert len(selected(budget["spec"]["selector"]["matchLabels"])) == 1
     assert selected(find(objects, "Service", "loraplex-replicas")["spec"]["selector"]) == [pods["loraplex"]]
     assert find(objects, "Service", "loraplex-replicas")["spec"]["clusterIP"] == "None"  # one DNS record per pod
+    assert {p["name"] for p in find(objects, "Service", "loraplex-replicas")["spec"]["ports"]} >= {"grpc", "http"}
     assert selected(find(objects, "Service", "loraplex")["spec"]["selector"]) == [pods["loraplex-envoy"]]
 
 
