@@ -6,6 +6,7 @@ raises a TypeError or ValueError that names the turn and what to fix, not an err
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
@@ -71,6 +72,24 @@ def _chat(chat: Sequence[ChatInput] | None) -> list[generation_pb2.ChatMessage]:
     return [generation_pb2.ChatMessage(role=m.role, content=m.content) for m in chat_messages(chat)]
 
 
+_CONSTRAINTS = {
+    "json_schema": generation_pb2.CONSTRAINT_KIND_JSON_SCHEMA,
+    "regex": generation_pb2.CONSTRAINT_KIND_REGEX,
+    "grammar": generation_pb2.CONSTRAINT_KIND_GRAMMAR,
+}
+
+
+def _constraint(options: GenerateOptions) -> generation_pb2.Constraint | None:
+    given = [(key, kind) for key, kind in _CONSTRAINTS.items() if key in options]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise TypeError(f"pass at most one of {', '.join(_CONSTRAINTS)} (got {', '.join(k for k, _ in given)})")
+    key, kind = given[0]
+    value = options[key]  # type: ignore[literal-required]
+    return generation_pb2.Constraint(kind=kind, text=value if isinstance(value, str) else json.dumps(value))
+
+
 def generate_request(
     prompt: str | None, messages: Sequence[ChatInput] | None, options: GenerateOptions
 ) -> generation_pb2.GenerateRequest:
@@ -82,7 +101,7 @@ def generate_request(
         user_key=options.get("user_key", ""),
         prompt=prompt or "",
         messages=_chat(messages),
-        sampling=generation_pb2.SamplingParameters(**sampling),
+        sampling=generation_pb2.SamplingParameters(**sampling, constraint=_constraint(options)),
     )
 
 

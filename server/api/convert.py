@@ -13,6 +13,8 @@ from loraplex.server.engine.errors import InvalidRequest
 from loraplex.server.engine.types import (
     AdapterInfo,
     ChatMessage,
+    Constraint,
+    ConstraintKind,
     Finished,
     FinishReason,
     GenerationRequest,
@@ -25,12 +27,27 @@ _FINISH_REASONS = {
     FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
 }
+_CONSTRAINT_KINDS = {
+    generation_pb2.CONSTRAINT_KIND_JSON_SCHEMA: ConstraintKind.JSON_SCHEMA,
+    generation_pb2.CONSTRAINT_KIND_JSON_OBJECT: ConstraintKind.JSON_OBJECT,
+    generation_pb2.CONSTRAINT_KIND_REGEX: ConstraintKind.REGEX,
+    generation_pb2.CONSTRAINT_KIND_GRAMMAR: ConstraintKind.GRAMMAR,
+}
 _TIERS = {
     ResidencyTier.DEVICE: adapters_pb2.RESIDENCY_TIER_DEVICE,
     ResidencyTier.HOST: adapters_pb2.RESIDENCY_TIER_HOST,
     ResidencyTier.DISK: adapters_pb2.RESIDENCY_TIER_DISK,
     ResidencyTier.LOADING: adapters_pb2.RESIDENCY_TIER_LOADING,
 }
+
+
+def constraint_of(message: generation_pb2.SamplingParameters) -> Constraint | None:
+    if not message.HasField("constraint"):
+        return None
+    kind = _CONSTRAINT_KINDS.get(message.constraint.kind)
+    if kind is None:
+        raise InvalidRequest("sampling.constraint.kind must be json_schema, json_object, regex or grammar")
+    return Constraint(kind, message.constraint.text)
 
 
 def sampling_params(message: generation_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:
@@ -44,6 +61,7 @@ def sampling_params(message: generation_pb2.SamplingParameters, default_max_new_
         stop=tuple(message.stop),
         logprobs=message.logprobs,
         ignore_eos=message.ignore_eos,
+        constraint=constraint_of(message),
     )
 
 

@@ -26,6 +26,37 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ConstraintKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConstraintKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConstraintKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONSTRAINT_KIND_UNSPECIFIED: _ConstraintKind.ValueType  # 0
+    """refused: name a kind"""
+    CONSTRAINT_KIND_JSON_SCHEMA: _ConstraintKind.ValueType  # 1
+    """text: a JSON schema the answer follows"""
+    CONSTRAINT_KIND_JSON_OBJECT: _ConstraintKind.ValueType  # 2
+    """any JSON object (text unused)"""
+    CONSTRAINT_KIND_REGEX: _ConstraintKind.ValueType  # 3
+    """text: a regular expression the whole answer matches"""
+    CONSTRAINT_KIND_GRAMMAR: _ConstraintKind.ValueType  # 4
+    """text: a Lark or GBNF grammar"""
+
+class ConstraintKind(_ConstraintKind, metaclass=_ConstraintKindEnumTypeWrapper): ...
+
+CONSTRAINT_KIND_UNSPECIFIED: ConstraintKind.ValueType  # 0
+"""refused: name a kind"""
+CONSTRAINT_KIND_JSON_SCHEMA: ConstraintKind.ValueType  # 1
+"""text: a JSON schema the answer follows"""
+CONSTRAINT_KIND_JSON_OBJECT: ConstraintKind.ValueType  # 2
+"""any JSON object (text unused)"""
+CONSTRAINT_KIND_REGEX: ConstraintKind.ValueType  # 3
+"""text: a regular expression the whole answer matches"""
+CONSTRAINT_KIND_GRAMMAR: ConstraintKind.ValueType  # 4
+"""text: a Lark or GBNF grammar"""
+Global___ConstraintKind: _TypeAlias = ConstraintKind  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -87,6 +118,7 @@ class SamplingParameters(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
     """default: server.default_max_new_tokens"""
     temperature: _builtins.float
@@ -107,6 +139,10 @@ class SamplingParameters(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """stop strings; the matched string is not returned"""
 
+    @_builtins.property
+    def constraint(self) -> Global___Constraint:
+        """structured output; unset = free text"""
+
     def __init__(
         self,
         *,
@@ -119,10 +155,11 @@ class SamplingParameters(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         logprobs: _builtins.bool = ...,
         ignore_eos: _builtins.bool = ...,
+        constraint: Global___Constraint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_top_p", b"_top_p", "max_new_tokens", b"max_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_top_p", b"_top_p", "constraint", b"constraint", "max_new_tokens", b"max_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_top_p", b"_top_p", "constraint", b"constraint", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
@@ -142,6 +179,32 @@ class SamplingParameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___SamplingParameters: _TypeAlias = SamplingParameters  # noqa: Y015
+
+@_typing.final
+class Constraint(_message.Message):
+    """Every generated token keeps the answer a prefix of what the spec accepts; EOS only where it is complete.
+    A spec the server cannot compile is INVALID_ARGUMENT naming the problem.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    kind: Global___ConstraintKind.ValueType
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        kind: Global___ConstraintKind.ValueType = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Constraint: _TypeAlias = Constraint  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):

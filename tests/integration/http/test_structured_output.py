@@ -1,6 +1,6 @@
-"""Structured output over HTTP on the real server: response_format json_schema / json_object and vLLM's
-guided_regex, non-streaming and streaming, on prompts the unconstrained base answers in prose; and an
-uncompilable schema is a 400 naming the problem."""
+"""Structured output on the real server, over HTTP (response_format json_schema / json_object and vLLM's
+guided_regex, non-streaming and streaming) and gRPC (the client's json_schema / regex), on prompts the
+unconstrained base answers in prose; an uncompilable spec is a 400 / INVALID_ARGUMENT naming the problem."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import jsonschema
 import openai
 import pytest
 
+from loraplex.client import Client
+from loraplex.client.errors import InvalidArgumentError
 from tests.integration.http.conftest import error_of, openai_client, post, start_server
 from tests.support.server_process import ServerProcess
 
@@ -41,6 +43,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, http_adapter_root: Path) ->
 @pytest.fixture(scope="module")
 def oai(server: ServerProcess) -> openai.OpenAI:
     return openai_client(server)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server: ServerProcess) -> Iterator[Client]:
+    with Client(server.target) as client:
+        yield client
 
 
 def _parses(text: str) -> bool:
@@ -123,3 +131,19 @@ def test_an_uncompilable_constraint_is_a_400_naming_the_problem(
     response = post(server, "/v1/chat/completions", json={"model": "base", "messages": MESSAGES, **extra})
     assert response.status_code == 400, response.text
     assert message in error_of(response)["message"]
+
+
+def test_grpc_json_schema_and_regex_streams_keep_to_their_specs(grpc_client: Client) -> None:
+    chat = [{"role": "user", "content": "Tell me about Paris."}]
+    free = grpc_client.chat(chat, max_new_tokens=60)
+    assert not _parses(free.text)
+    answer = grpc_client.chat(chat, max_new_tokens=100, json_schema=SCHEMA)
+    jsonschema.validate(json.loads(answer.text), SCHEMA)
+    assert answer.finish_reason == "stop"
+    streamed = "".join(chunk.text for chunk in grpc_client.stream("Call me at", max_new_tokens=20, regex=PHONE))
+    assert re.fullmatch(PHONE, streamed), streamed
+
+
+def test_grpc_uncompilable_schema_is_invalid_argument(grpc_client: Client) -> None:
+    with pytest.raises(InvalidArgumentError, match="does not compile: Invalid type"):
+        grpc_client.generate("hi", json_schema={"type": "nosuch"})
