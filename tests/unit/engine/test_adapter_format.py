@@ -20,17 +20,8 @@ from loraplex.server.lora.format import (
 )
 from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import QV, write_adapter
+from tests.support.shapes import TINY_SHAPE as SHAPE
 
-SHAPE = ModelShape(
-    "llama",
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=100,
-)
 OTHER = ModelShape(
     "llama",
     hidden_size=96,

@@ -23,19 +23,8 @@ from loraplex.server.lora.cache import AdapterManager, AdapterVersion, Retired
 from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.pool import DeviceSlots, PoolKey, SlotPool
 from loraplex.server.lora.sources import AdapterRoots
-from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import write_adapter
-
-SHAPE = ModelShape(
-    "llama",
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=100,
-)
+from tests.support.shapes import TINY_SHAPE as SHAPE
 
 
 def _manager(root: Path, max_slots: int, max_bytes: int = 1 << 30) -> AdapterManager:

@@ -11,19 +11,9 @@ from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import SlotWindow
 from loraplex.server.lora.pool import DeviceSlots, PoolKey, SlotPool, rank_bucket
-from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
+from tests.support.shapes import TINY_SHAPE as SHAPE
 
-SHAPE = ModelShape(
-    "llama",
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=100,
-)
 LIMITS = AdapterLimits(max_rank=128, max_file_bytes=1 << 30)
 
 

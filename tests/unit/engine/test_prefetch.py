@@ -23,19 +23,8 @@ from loraplex.server.lora.cache import AdapterManager
 from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.lora.sources import AdapterRoots
-from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import write_adapter
-
-SHAPE = ModelShape(
-    "llama",
-    hidden_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    intermediate_size=128,
-    vocab_size=100,
-)
+from tests.support.shapes import TINY_SHAPE as SHAPE
 
 
 class DeviceEvents(EngineListener):

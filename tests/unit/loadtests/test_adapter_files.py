@@ -12,18 +12,7 @@ from safetensors.numpy import load_file
 from loadtests.adapter_files import WEIGHTS_FILE, rewrite_weights
 from loadtests.synthetic_adapters import write_adapter
 from loraplex.server.lora import format as peft_format
-from loraplex.server.model.shape import ModelShape
-
-SHAPE = ModelShape(
-    model_type="llama",
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    vocab_size=100,
-)
+from tests.support.shapes import TINY_SHAPE as SHAPE
 
 
 def test_rewrite_scales_lora_b_only(tmp_path: Path) -> None:
