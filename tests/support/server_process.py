@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -109,3 +110,12 @@ class ServerProcess:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.kill()
+
+
+@contextmanager
+def stopping_cleanly(server: ServerProcess) -> Iterator[ServerProcess]:
+    """``server`` for a fixture: killed however the block ends, and, when it ends normally, it must exit 0 on
+    SIGTERM (the assertion shows the log's end otherwise)."""
+    with server:
+        yield server
+        assert server.stop() == 0, server.log()[-3000:]

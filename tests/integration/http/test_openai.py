@@ -34,16 +34,15 @@ from tests.integration.http.conftest import (
     start_server,
 )
 from tests.integration.routing.conftest import scrape
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, stopping_cleanly
 
 ROUTE = "checkout-ab"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, http_adapter_root: Path) -> Iterator[ServerProcess]:
-    with start_server(tmp_path_factory.mktemp("http-open"), http_adapter_root) as process:
+    with stopping_cleanly(start_server(tmp_path_factory.mktemp("http-open"), http_adapter_root)) as process:
         yield process
-        assert process.stop() == 0, process.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
