@@ -2,7 +2,8 @@
 
 Input data arrives either in ``raw_input_contents`` (little-endian; BYTES elements as a 4-byte length then the
 bytes: what tritonclient sends) or in the typed ``contents`` fields. A request carries one prompt in the BYTES input
-``text_input``; sampling settings come as inputs or request parameters of the same names.
+``text_input``; sampling settings come as inputs or request parameters of the same names, structured output as one
+of vLLM's ``guided_json`` (a JSON schema's text), ``guided_regex`` or ``guided_grammar``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from loraplex.proto.inference import grpc_service_pb2 as oip
 from loraplex.server.engine.errors import InvalidRequest
-from loraplex.server.engine.types import SamplingParams
+from loraplex.server.engine.types import Constraint, ConstraintKind, SamplingParams
 
 _RAW_FORMATS = {
     "BOOL": "?",
@@ -57,6 +58,14 @@ LLM_INPUTS: dict[str, tuple[str, list[int], type]] = {
     "repetition_penalty": ("FP32", [1], float),
     "stop": ("BYTES", [-1], str),
     "stream": ("BOOL", [1], bool),
+    "guided_json": ("BYTES", [1], str),
+    "guided_regex": ("BYTES", [1], str),
+    "guided_grammar": ("BYTES", [1], str),
+}
+_GUIDED = {
+    "guided_json": ConstraintKind.JSON_SCHEMA,
+    "guided_regex": ConstraintKind.REGEX,
+    "guided_grammar": ConstraintKind.GRAMMAR,
 }
 # Request parameters stock clients and Triton itself use; accepted and ignored.
 IGNORED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"})
@@ -183,6 +192,9 @@ def llm_request(
                 f"'{name}' must hold exactly one value (got {len(elements)}); send one prompt per request"
             )
         typed[name] = _as(name, kind, elements[0])
+    guided = [Constraint(kind, typed[name]) for name, kind in _GUIDED.items() if name in typed]
+    if len(guided) > 1:
+        raise InvalidRequest(f"send at most one of {sorted(_GUIDED)}")
     sampling = SamplingParams(
         max_new_tokens=typed.get("max_tokens", default_max_new_tokens),
         temperature=typed.get("temperature", 0.0),
@@ -191,6 +203,7 @@ def llm_request(
         seed=typed.get("seed"),
         repetition_penalty=typed.get("repetition_penalty", 1.0),
         stop=typed.get("stop", ()),
+        constraint=guided[0] if guided else None,
     )
     return LlmRequest(prompt=typed[TEXT_INPUT], sampling=sampling, stream=typed.get("stream"))
 

@@ -1,5 +1,6 @@
 """Structured output on the real server, over HTTP (response_format json_schema / json_object and vLLM's
-guided_regex, non-streaming and streaming) and gRPC (the client's json_schema / regex), on prompts the
+guided_regex, non-streaming and streaming), gRPC (the client's json_schema / regex) and OIP (guided_regex
+parameter), on prompts the
 unconstrained base answers in prose; an uncompilable spec is a 400 / INVALID_ARGUMENT naming the problem."""
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonschema
 import openai
 import pytest
 
 from loraplex.client import Client
 from loraplex.client.errors import InvalidArgumentError
+from loraplex.proto.inference import grpc_service_pb2 as oip
+from loraplex.proto.inference import grpc_service_pb2_grpc as oip_grpc
 from tests.integration.http.conftest import error_of, openai_client, post, start_server
 from tests.support.server_process import ServerProcess
 
@@ -147,3 +151,30 @@ def test_grpc_json_schema_and_regex_streams_keep_to_their_specs(grpc_client: Cli
 def test_grpc_uncompilable_schema_is_invalid_argument(grpc_client: Client) -> None:
     with pytest.raises(InvalidArgumentError, match="does not compile: Invalid type"):
         grpc_client.generate("hi", json_schema={"type": "nosuch"})
+
+
+def _oip_infer(server: ServerProcess, **parameters: str) -> oip.ModelInferResponse:
+    settings = {name: oip.InferParameter(string_param=value) for name, value in parameters.items()}
+    settings["max_tokens"] = oip.InferParameter(int64_param=32)
+    prompt = oip.ModelInferRequest.InferInputTensor(
+        name="text_input", datatype="BYTES", shape=[1], contents=oip.InferTensorContents(bytes_contents=[b"Call me at"])
+    )
+    request = oip.ModelInferRequest(
+        model_name="base",
+        inputs=[prompt],
+        parameters=settings,
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        response: oip.ModelInferResponse = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        return response
+
+
+def test_oip_guided_regex_parameter(server: ServerProcess) -> None:
+    response = _oip_infer(server, guided_regex=PHONE)
+    text = response.raw_output_contents[0][4:].decode()
+    assert re.fullmatch(PHONE, text), text
+    with pytest.raises(grpc.RpcError) as failed:
+        _oip_infer(server, guided_regex="(unclosed")
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unclosed group" in (
+        failed.value.details() or ""
+    )

@@ -10,7 +10,7 @@ import pytest
 from loraplex.proto.inference import grpc_service_pb2 as oip
 from loraplex.server.api.oip_tensors import decode_inputs, llm_request, serialize_bytes, text_output
 from loraplex.server.engine.errors import InvalidRequest
-from loraplex.server.engine.types import SamplingParams
+from loraplex.server.engine.types import Constraint, ConstraintKind, SamplingParams
 
 Tensor = oip.ModelInferRequest.InferInputTensor
 Contents = oip.InferTensorContents
@@ -67,6 +67,18 @@ def test_inputs_and_parameters_become_sampling_settings() -> None:
     assert _llm({"text_input": [b"x"]}, **ignored) == SamplingParams(max_new_tokens=16)
 
 
+def test_guided_parameters_become_the_constraint() -> None:
+    schema = '{"type": "object"}'
+    assert _llm({"text_input": [b"x"]}, guided_json=oip.InferParameter(string_param=schema)).constraint == (
+        Constraint(ConstraintKind.JSON_SCHEMA, schema)
+    )
+    assert _llm({"text_input": [b"x"], "guided_regex": [b"a+"]}).constraint == Constraint(ConstraintKind.REGEX, "a+")
+    grammar = oip.InferParameter(string_param="start: /b+/")
+    assert _llm({"text_input": [b"x"]}, guided_grammar=grammar).constraint == (
+        Constraint(ConstraintKind.GRAMMAR, "start: /b+/")
+    )
+
+
 @pytest.mark.parametrize(
     ("inputs", "parameters", "says"),
     [
@@ -84,6 +96,11 @@ def test_inputs_and_parameters_become_sampling_settings() -> None:
         ),
         ({"text_input": [b"x"], "seed": [1]}, {"seed": oip.InferParameter(int64_param=2)}, "both as an input and"),
         ({"text_input": [b"x"]}, {"seed": oip.InferParameter()}, "has no value"),
+        (
+            {"text_input": [b"x"], "guided_regex": [b"a"]},
+            {"guided_json": oip.InferParameter(string_param="{}")},
+            "send at most one of ['guided_grammar', 'guided_json', 'guided_regex']",
+        ),
     ],
 )
 def test_what_does_not_fit_is_refused_with_a_message(
