@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))  # tests.support: the server and nginx launchers s
 from loadtests.synthetic_adapters import ALL_LINEAR, write_adapter  # noqa: E402
 from loraplex.client import AsyncClient  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
+from loraplex.server.core.shape import ModelShape  # noqa: E402
 from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
-from loraplex.server.model.shape import ModelShape  # noqa: E402
 from tests.support.deploy.nginx import Balance, NginxProcess  # noqa: E402
 from tests.support.deploy.replicas import running_replicas  # noqa: E402
 from tests.support.server_process import ServerProcess  # noqa: E402

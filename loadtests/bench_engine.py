@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO))  # loadtests.*: this file's siblings
 
 from loadtests.synthetic_adapters import QV, write_adapter  # noqa: E402
 from loraplex.server.config import ModelSettings, default_cache_dir, load_settings  # noqa: E402
+from loraplex.server.core.shape import TARGET_MODULES  # noqa: E402
+from loraplex.server.core.types import GenerationRequest, SamplingParams  # noqa: E402
 from loraplex.server.engine.engine import Engine  # noqa: E402
-from loraplex.server.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 from loraplex.server.model.loader import LoadedBase, load_base  # noqa: E402
-from loraplex.server.model.shape import TARGET_MODULES  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "light": {"rank": 8, "targets": QV},

@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO))  # tests.support: the server launcher shared with 
 from loadtests.synthetic_adapters import write_adapter  # noqa: E402
 from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc  # noqa: E402
 from loraplex.server.config import default_cache_dir, load_settings  # noqa: E402
+from loraplex.server.core.shape import ModelShape  # noqa: E402
+from loraplex.server.core.types import Finished, GenerationRequest, SamplingParams  # noqa: E402
 from loraplex.server.engine.engine import Engine  # noqa: E402
-from loraplex.server.engine.types import Finished, GenerationRequest, SamplingParams  # noqa: E402
 from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
 from loraplex.server.model.loader import load_base  # noqa: E402
-from loraplex.server.model.shape import ModelShape  # noqa: E402
 from tests.support.server_process import ServerProcess  # noqa: E402
 
 PROMPT = "Summarise in one sentence: the quick brown fox jumps over the lazy dog near the river bank."

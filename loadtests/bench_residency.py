@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))  # loadtests.*: this file's siblings
 from loadtests.run_loadtest import embedded_shape  # noqa: E402
 from loadtests.synthetic_adapters import write_adapter  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
-from loraplex.server.engine.events import EngineListener, Tier  # noqa: E402
+from loraplex.server.core.events import EngineListener, Tier  # noqa: E402
 from loraplex.server.lora.cache import AdapterManager  # noqa: E402
 from loraplex.server.lora.format import AdapterLimits  # noqa: E402
 from loraplex.server.lora.pool import DeviceSlots  # noqa: E402

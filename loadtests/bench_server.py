@@ -52,8 +52,8 @@ from loadtests.workload import WORDS, adapter_ids  # noqa: E402
 from loraplex.client import AsyncClient  # noqa: E402
 from loraplex.client.types import GenerateOptions  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
+from loraplex.server.core.shape import ModelShape  # noqa: E402
 from loraplex.server.lora.format import CONFIG_FILE  # noqa: E402
-from loraplex.server.model.shape import ModelShape  # noqa: E402
 from tests.support.server_process import ServerProcess  # noqa: E402
 
 SETS = ("light", "heavy")

@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))  # tests.support: the server launcher shared with 
 from loadtests.synthetic_adapters import QV, write_adapter  # noqa: E402
 from loadtests.workload import adapter_ids  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
+from loraplex.server.core.shape import ModelShape  # noqa: E402
 from loraplex.server.lora.format import CONFIG_FILE  # noqa: E402
 from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
-from loraplex.server.model.shape import ModelShape  # noqa: E402
 from tests.support.server_process import ServerProcess  # noqa: E402
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"

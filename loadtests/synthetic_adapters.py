@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from loraplex.server.core.shape import TARGET_MODULES, ModelShape
 from loraplex.server.lora.format import CONFIG_FILE, WEIGHTS_FILE, module_path, pattern_value, peft_key
-from loraplex.server.model.shape import TARGET_MODULES, ModelShape
 
 QV = ("q_proj", "v_proj")
 ALL_LINEAR = TARGET_MODULES

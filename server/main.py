@@ -29,8 +29,8 @@ from loraplex.server.api.auth import AuthConfigError, TokenTable
 from loraplex.server.api.http.server import HttpServer, build_http_server
 from loraplex.server.api.server import ApiServer, build_server
 from loraplex.server.config import Settings, settings_from_argv
+from loraplex.server.core.events import EngineListener
 from loraplex.server.engine.engine import Engine, describe
-from loraplex.server.engine.events import EngineListener
 from loraplex.server.lora.sources import AdapterDirectoryMissing, AdapterOutsideRoot, AdapterRoots, InvalidAdapterId
 from loraplex.server.model.loader import load_base
 from loraplex.server.observability.metrics import RouteGauges

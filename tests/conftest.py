@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from loraplex.server.config import ModelSettings, default_cache_dir
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.model.embedded import resolve_model_dir
 from loraplex.server.model.loader import LoadedBase, load_base
-from loraplex.server.model.shape import ModelShape
 
 
 @pytest.fixture(scope="session")

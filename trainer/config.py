@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loraplex.server.model.shape import TARGET_MODULES
+from loraplex.server.core.shape import TARGET_MODULES
 from loraplex.trainer.errors import ConfigError
 
 Method = Literal["lora", "qlora", "dora", "rslora"]

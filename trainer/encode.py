@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.server.engine.types import ChatMessage
+from loraplex.server.core.types import ChatMessage
 from loraplex.trainer.errors import DataError
 from loraplex.trainer.formats import ChatExample, Example, TextExample
 

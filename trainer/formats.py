@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex.server.core.types import ChatMessage
 from loraplex.server.engine.engine import CHAT_ROLES
-from loraplex.server.engine.types import ChatMessage
 from loraplex.trainer.config import DatasetSpec
 from loraplex.trainer.errors import DataError
 

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from loraplex.server.config import default_cache_dir
+from loraplex.server.core.shape import ModelShape, UnsupportedModel
 from loraplex.server.lora.format import module_block
 from loraplex.server.model.embedded import BaseModelNotFound, resolve_model_dir
 from loraplex.server.model.fingerprint import base_fingerprint
 from loraplex.server.model.quantize import load_quantized
-from loraplex.server.model.shape import ModelShape, UnsupportedModel
 from loraplex.trainer.config import TrainConfig
 from loraplex.trainer.errors import ConfigError
 

@@ -13,7 +13,7 @@ from loraplex.server.api import convert
 from loraplex.server.api.auth import Tenant, current_tenant
 from loraplex.server.api.catalog import adapter_listing, checked
 from loraplex.server.api.state import Context, ServingState
-from loraplex.server.engine.errors import InvalidRequest
+from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.lora.sources import AdapterRoots
 from loraplex.server.lora.upload import AdapterUpload, InvalidUpload, UploadConflict, UploadedFile, upload_target
 

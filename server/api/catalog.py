@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraplex.server.api.auth import Tenant
-from loraplex.server.engine.types import AdapterInfo, ResidencyTier
+from loraplex.server.core.types import AdapterInfo, ResidencyTier
 from loraplex.server.lora.sources import AdapterRoots, files_signature
 
 if TYPE_CHECKING:

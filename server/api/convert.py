@@ -9,8 +9,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from loraplex.proto.v1 import adapters_pb2, generation_pb2
 from loraplex.server.api.catalog import Listed
 from loraplex.server.api.targets import Target
-from loraplex.server.engine.errors import InvalidRequest
-from loraplex.server.engine.types import (
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.types import (
     AdapterInfo,
     ChatMessage,
     Constraint,

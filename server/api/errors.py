@@ -1,6 +1,6 @@
 """The one place that maps errors to gRPC status codes, and the few errors the API layer raises itself.
 
-Engine errors (``server/engine/errors.py``), routing errors (``server/routing/errors.py``) and adapter upload
+Engine errors (``server/core/errors.py``), routing errors (``server/routing/errors.py``) and adapter upload
 errors (``server/lora/upload.py``) keep their meaning; the API adds authentication and authorization failures.
 Anything else is a bug: it becomes INTERNAL with a generic message and is logged in full.
 """
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import grpc
 
-from loraplex.server.engine.errors import (
+from loraplex.server.core.errors import (
     AdapterNotFound,
     AdapterRejected,
     Cancelled,

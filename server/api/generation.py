@@ -15,8 +15,8 @@ from loraplex.server.api.prompts import check_prompt_chars, prompt_chars
 from loraplex.server.api.state import Context, ServingState
 from loraplex.server.api.targets import Target, resolve
 from loraplex.server.api.tracking import RequestTrack
-from loraplex.server.engine.errors import InternalError
-from loraplex.server.engine.types import Finished, GenerationRequest, TokenDelta
+from loraplex.server.core.errors import InternalError
+from loraplex.server.core.types import Finished, GenerationRequest, TokenDelta
 
 
 def deadline_of(context: Context) -> float | None:

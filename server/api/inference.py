@@ -33,8 +33,8 @@ from loraplex.server.api.generation import deadline_of, request_id_of
 from loraplex.server.api.state import Context, ServingState
 from loraplex.server.api.targets import Target, is_visible_route, resolve_model
 from loraplex.server.api.tracking import RequestTrack
-from loraplex.server.engine.errors import AdapterNotFound, InternalError, InvalidRequest
-from loraplex.server.engine.types import Finished, GenerationRequest, ResidencyTier, TokenDelta
+from loraplex.server.core.errors import AdapterNotFound, InternalError, InvalidRequest
+from loraplex.server.core.types import Finished, GenerationRequest, ResidencyTier, TokenDelta
 from loraplex.server.lora.sources import AdapterRoots
 from loraplex.server.routing.routes import BASE_MODEL
 

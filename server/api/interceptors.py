@@ -23,7 +23,7 @@ import grpc
 from loraplex.server.api.auth import OPEN_ACCESS, TokenTable, set_current_tenant
 from loraplex.server.api.errors import status_of
 from loraplex.server.api.state import Context
-from loraplex.server.engine.errors import InvalidRequest
+from loraplex.server.core.errors import InvalidRequest
 
 Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
 

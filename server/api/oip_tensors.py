@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex.proto.inference import grpc_service_pb2 as oip
-from loraplex.server.engine.errors import InvalidRequest
-from loraplex.server.engine.types import Constraint, ConstraintKind, SamplingParams
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.types import Constraint, ConstraintKind, SamplingParams
 
 _RAW_FORMATS = {
     "BOOL": "?",

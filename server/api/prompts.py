@@ -12,8 +12,8 @@ import asyncio
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from loraplex.server.engine.errors import InvalidRequest
-from loraplex.server.engine.types import ChatMessage, GenerationRequest
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.types import ChatMessage, GenerationRequest
 
 if TYPE_CHECKING:
     from loraplex.server.engine.engine import Engine

@@ -14,7 +14,7 @@ from loraplex.server.api import route_messages
 from loraplex.server.api.adapters import load_adapter
 from loraplex.server.api.auth import Tenant, current_tenant
 from loraplex.server.api.state import Context, ServingState
-from loraplex.server.engine.errors import AdapterNotFound, AdapterRejected, InvalidRequest
+from loraplex.server.core.errors import AdapterNotFound, AdapterRejected, InvalidRequest
 from loraplex.server.routing.errors import InvalidFeedback
 from loraplex.server.routing.routes import Route, validate_route_name
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 from loraplex.server.api.tracking import track
 from loraplex.server.config import Settings
-from loraplex.server.engine.types import GenerationEvent, GenerationRequest
+from loraplex.server.core.types import GenerationEvent, GenerationRequest
 from loraplex.server.observability.telemetry import RequestLabels, Telemetry
 from loraplex.server.routing.router import Assignment, Router
 

@@ -24,8 +24,8 @@ from loraplex.server.api.prompts import pretokenize
 from loraplex.server.api.shadow import ShadowDispatcher
 from loraplex.server.api.tracking import RequestTrack, track
 from loraplex.server.config import Settings
-from loraplex.server.engine.errors import Overloaded, ShuttingDown
-from loraplex.server.engine.types import GenerationEvent, GenerationRequest
+from loraplex.server.core.errors import Overloaded, ShuttingDown
+from loraplex.server.core.types import GenerationEvent, GenerationRequest
 from loraplex.server.observability.telemetry import Telemetry
 from loraplex.server.routing.router import Router
 

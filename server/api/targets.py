@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraplex.server.api.auth import Tenant
-from loraplex.server.engine.errors import InvalidRequest
+from loraplex.server.core.errors import InvalidRequest
 from loraplex.server.routing.router import Assignment, Router
 from loraplex.server.routing.routes import BASE_MODEL
 

@@ -17,7 +17,7 @@ import grpc
 
 from loraplex.server.api.errors import code_of
 from loraplex.server.api.targets import Target
-from loraplex.server.engine.types import GenerationEvent, TokenDelta
+from loraplex.server.core.types import GenerationEvent, TokenDelta
 from loraplex.server.observability.telemetry import RequestLabels, RequestTiming, Telemetry
 from loraplex.server.routing.router import Router
 from loraplex.server.routing.routes import BASE_MODEL

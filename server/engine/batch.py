@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.engine.scheduler import ScheduledChunk
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.pool import SlotPool
 from loraplex.server.model.attention import SequenceSpan, plan_attention
 from loraplex.server.model.forward import StepBatch
+from loraplex.server.model.kv_cache import KVCache
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loraplex.server.engine.errors import InvalidRequest
-from loraplex.server.engine.types import Constraint, ConstraintKind
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.types import Constraint, ConstraintKind
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions

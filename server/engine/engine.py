@@ -22,10 +22,7 @@ from typing import Any
 import torch
 
 from loraplex.server.config import Settings
-from loraplex.server.engine.batch import build_step
-from loraplex.server.engine.constraints import ConstraintCompiler
-from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from loraplex.server.engine.errors import (
+from loraplex.server.core.errors import (
     AdapterRejected,
     Cancelled,
     DeadlineExceeded,
@@ -35,12 +32,8 @@ from loraplex.server.engine.errors import (
     Overloaded,
     ShuttingDown,
 )
-from loraplex.server.engine.events import EngineListener
-from loraplex.server.engine.kv_cache import KVCache
-from loraplex.server.engine.sampler import SamplerState, sample
-from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler
-from loraplex.server.engine.sequence import EventSink, Sequence, Status
-from loraplex.server.engine.types import (
+from loraplex.server.core.events import EngineListener
+from loraplex.server.core.types import (
     AdapterInfo,
     ChatMessage,
     EngineStats,
@@ -52,6 +45,12 @@ from loraplex.server.engine.types import (
     TokenDelta,
     Usage,
 )
+from loraplex.server.engine.batch import build_step
+from loraplex.server.engine.constraints import ConstraintCompiler
+from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from loraplex.server.engine.sampler import SamplerState, sample
+from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler
+from loraplex.server.engine.sequence import EventSink, Sequence, Status
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion
 from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.ops import lora_stack_dtype, select_kernels
@@ -59,6 +58,7 @@ from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.lora.sources import AdapterRoots
 from loraplex.server.model.dora import dora_scales_for
 from loraplex.server.model.forward import DecoderForward
+from loraplex.server.model.kv_cache import KVCache
 from loraplex.server.model.loader import LoadedBase
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.server.core.types import SamplingParams
 from loraplex.server.engine.constraints import TokenMatcher, allowed_tokens
-from loraplex.server.engine.types import SamplingParams
 
 _CPU = torch.device("cpu")
 _NEG_INF = float("-inf")

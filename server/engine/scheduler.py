@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from itertools import islice
 
 from loraplex.server.config import EngineSettings
-from loraplex.server.engine.errors import AdapterNotFound, EngineError
-from loraplex.server.engine.kv_cache import KVCache
+from loraplex.server.core.errors import AdapterNotFound, EngineError
 from loraplex.server.engine.sequence import Sequence, Status
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion, Retired
+from loraplex.server.model.kv_cache import KVCache
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from loraplex.server.core.errors import EngineError
+from loraplex.server.core.types import GenerationEvent, GenerationRequest, Timings
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from loraplex.server.engine.errors import EngineError
 from loraplex.server.engine.sampler import SamplerState
-from loraplex.server.engine.types import GenerationEvent, GenerationRequest, Timings
 from loraplex.server.lora.cache import AdapterVersion
 
 

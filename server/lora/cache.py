@@ -40,9 +40,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from loraplex.server.engine.errors import AdapterNotFound, AdapterRejected, EngineError, InvalidRequest
-from loraplex.server.engine.events import EngineListener
-from loraplex.server.engine.types import AdapterInfo, ResidencyTier
+from loraplex.server.core.errors import AdapterNotFound, AdapterRejected, EngineError, InvalidRequest
+from loraplex.server.core.events import EngineListener
+from loraplex.server.core.shape import ModelShape
+from loraplex.server.core.types import AdapterInfo, ResidencyTier
 from loraplex.server.lora import format as peft_format
 from loraplex.server.lora.format import AdapterLimits, AdapterWeights
 from loraplex.server.lora.pool import DeviceSlots, DoraScales, Placement, PoolKey
@@ -54,7 +55,6 @@ from loraplex.server.lora.sources import (
     files_signature,
     validate_adapter_id,
 )
-from loraplex.server.model.shape import ModelShape
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from loraplex.server.model.shape import ATTENTION_MODULES, TARGET_MODULES, ModelShape
+from loraplex.server.core.shape import ATTENTION_MODULES, TARGET_MODULES, ModelShape
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

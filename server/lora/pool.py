@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.server.core.shape import TARGET_MODULES, ModelShape
 from loraplex.server.lora.format import AdapterWeights
-from loraplex.server.model.shape import TARGET_MODULES, ModelShape
 
 MIN_BUCKET = 8
 

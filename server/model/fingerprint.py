@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 
 _EMBEDDING_ROWS = 64
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.server.engine.kv_cache import KVCache
+from loraplex.server.core.shape import ATTENTION_MODULES, MLP_MODULES
 from loraplex.server.lora.layers import LoraLinear
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import LoraKernels
 from loraplex.server.model.attention import AttentionPlan, attend
+from loraplex.server.model.kv_cache import KVCache
 from loraplex.server.model.loader import LoadedBase
-from loraplex.server.model.shape import ATTENTION_MODULES, MLP_MODULES
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from loraplex.server.config import ModelSettings
+from loraplex.server.core.shape import TARGET_MODULES, ModelShape
 from loraplex.server.model.embedded import resolve_model_dir
 from loraplex.server.model.fingerprint import base_fingerprint
 from loraplex.server.model.quantize import load_quantized
-from loraplex.server.model.shape import TARGET_MODULES, ModelShape
 
 log = logging.getLogger(__name__)
 

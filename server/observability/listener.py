@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from loraplex.server.engine.events import EngineListener, Tier
+from loraplex.server.core.events import EngineListener, Tier
 from loraplex.server.observability.metrics import Metrics
 
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from loraplex.server.engine.types import AdapterInfo, EngineStats, ResidencyTier
+from loraplex.server.core.types import AdapterInfo, EngineStats, ResidencyTier
 from loraplex.server.observability.drift import DriftScore
 
 REQUEST_LABELS = ("adapter", "route", "variant")

@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from loraplex.server.config import ObservabilitySettings
-from loraplex.server.engine.types import AdapterInfo, EngineStats, Finished
+from loraplex.server.core.types import AdapterInfo, EngineStats, Finished
 from loraplex.server.observability.drift import DriftMonitor, Sample
 from loraplex.server.observability.labels import OTHER, LabelBounder
 from loraplex.server.observability.listener import MetricsListener

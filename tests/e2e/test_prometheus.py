@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from loraplex.client import Client, NotFoundError
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 from tests.e2e.prometheus import PROMETHEUS_DIR, REPO, Prometheus
 from tests.integration.api.conftest import base_shape  # noqa: F401  (the shared fixture)
 from tests.integration.routing.conftest import metrics_port

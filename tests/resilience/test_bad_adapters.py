@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE
-from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import request
 from tests.support.adapters import write_adapter
 from tests.support.resilience import full_run, record

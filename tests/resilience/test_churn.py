@@ -26,8 +26,8 @@ import pytest
 from loraplex.client import Client
 from loraplex.client.errors import LoraplexError, NotFoundError
 from loraplex.client.retry import NO_RETRIES
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.pool import PoolKey, SlotPool
-from loraplex.server.model.shape import ModelShape
 from tests.support.marker_adapters import MarkerBase, write_marker_adapter
 from tests.support.resilience import full_run, record
 from tests.support.server_process import ServerProcess

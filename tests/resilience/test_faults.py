@@ -28,7 +28,7 @@ from loraplex.client.retry import NO_RETRIES
 from loraplex.client.types import Route, ServerStatus, Variant
 from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc
 from loraplex.server.config import MIB
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 from tests.support.adapters import write_adapter
 from tests.support.resilience import full_run, record, rss_bytes
 from tests.support.server_process import ServerProcess

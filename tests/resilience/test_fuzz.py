@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from loraplex.proto.inference import grpc_service_pb2 as oip
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, routing_pb2, server_pb2
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 from tests.integration.api.helpers import request
 from tests.support.adapters import write_adapter
 from tests.support.proto_strategies import message_bytes

@@ -33,8 +33,8 @@ from loraplex.proto.v1 import (
     server_pb2,
     server_pb2_grpc,
 )
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import request
 from tests.support.adapters import write_adapter
 from tests.support.resilience import full_run, record

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.synthetic_adapters import ALL_LINEAR, QV, write_adapter
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 
 __all__ = ["ALL_LINEAR", "QV", "write_adapter", "write_adapter_set"]
 

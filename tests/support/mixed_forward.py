@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from loraplex.server.engine.kv_cache import KVCache
 from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import lora_stack_dtype, select_kernels
@@ -19,6 +18,7 @@ from loraplex.server.lora.pool import DeviceSlots, Placement
 from loraplex.server.model.attention import SequenceSpan, plan_attention
 from loraplex.server.model.dora import dora_scales_for
 from loraplex.server.model.forward import DecoderForward, StepBatch
+from loraplex.server.model.kv_cache import KVCache
 from loraplex.server.model.loader import LoadedBase
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from loraplex.server.engine.types import ChatMessage, GenerationRequest, SamplingParams
+from loraplex.server.core.types import ChatMessage, GenerationRequest, SamplingParams
 
 
 @contextmanager

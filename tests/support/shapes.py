@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 
 TINY_SHAPE = ModelShape(
     "llama",

@@ -16,7 +16,7 @@ from loraplex.server.api.auth import Tenant
 from loraplex.server.api.http.errors import InvalidField
 from loraplex.server.api.http.schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from loraplex.server.api.state import ServingState
-from loraplex.server.engine.errors import AdapterNotFound
+from loraplex.server.core.errors import AdapterNotFound
 from loraplex.server.lora.sources import (
     AdapterDirectoryMissing,
     AdapterOutsideRoot,

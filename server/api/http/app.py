@@ -33,7 +33,7 @@ from loraplex.server.api.http.schemas import (
     UnloadLoraAdapterRequest,
 )
 from loraplex.server.api.state import ServingState
-from loraplex.server.engine.errors import EngineError
+from loraplex.server.core.errors import EngineError
 from loraplex.server.lora.sources import AdapterRoots
 from loraplex.server.lora.upload import UploadError
 from loraplex.server.routing.errors import RoutingError

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from loraplex.server.api.http.errors import InvalidField
 from loraplex.server.api.http.schemas import ChatCompletionRequest, ChatMessageIn, CompletionRequest, SamplingFields
 from loraplex.server.api.targets import Target
-from loraplex.server.engine.types import (
+from loraplex.server.core.types import (
     ChatMessage,
     Constraint,
     ConstraintKind,

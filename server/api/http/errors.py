@@ -15,7 +15,7 @@ import grpc
 from fastapi.responses import JSONResponse
 
 from loraplex.server.api.errors import bounded, status_of
-from loraplex.server.engine.errors import InvalidRequest
+from loraplex.server.core.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

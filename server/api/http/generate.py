@@ -16,8 +16,8 @@ from loraplex.server.api.auth import Tenant
 from loraplex.server.api.http.convert import Head, Spec
 from loraplex.server.api.state import ServingState
 from loraplex.server.api.targets import resolve_model
-from loraplex.server.engine.errors import InternalError
-from loraplex.server.engine.types import GenerationEvent, GenerationRequest
+from loraplex.server.core.errors import InternalError
+from loraplex.server.core.types import GenerationEvent, GenerationRequest
 from loraplex.server.routing.routes import BASE_MODEL
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from loraplex.server.api.http import convert
 from loraplex.server.api.http.convert import Spec
 from loraplex.server.api.http.errors import reply_of
 from loraplex.server.api.http.generate import Started
-from loraplex.server.engine.errors import InternalError
-from loraplex.server.engine.types import TokenDelta
+from loraplex.server.core.errors import InternalError
+from loraplex.server.core.types import TokenDelta
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream

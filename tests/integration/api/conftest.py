@@ -12,8 +12,8 @@ import pytest
 from transformers import AutoConfig
 
 from loraplex.proto.v1 import generation_pb2_grpc
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import CONFIG_FILE, WEIGHTS_FILE
-from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import ADAPTERS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_RANK
 from tests.support.adapters import write_adapter
 from tests.support.server_process import ServerProcess

@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 import loraplex.server
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc, server_pb2, server_pb2_grpc
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import CONFIG_FILE
-from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import ADAPTERS, MAX_RANK, request
 from tests.support.adapters import write_adapter
 

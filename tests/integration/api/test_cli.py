@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from loraplex.client import Client, render
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import CONFIG_FILE
-from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import ADAPTERS, PROMPT, cli
 from tests.support.adapters import write_adapter
 from tests.support.server_process import ServerProcess

@@ -11,7 +11,7 @@ import pytest
 
 from loraplex.proto.inference import grpc_service_pb2
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 from tests.integration.api.helpers import ADAPTERS, request, run_stock_client
 from tests.integration.api.helpers import STOCK_ADAPTER as ADAPTER
 from tests.integration.api.helpers import STOCK_EXTRA as EXTRA

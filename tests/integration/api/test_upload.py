@@ -25,9 +25,9 @@ from loraplex.client import Client
 from loraplex.client.errors import FailedPreconditionError
 from loraplex.client.uploads import UploadChunks
 from loraplex.proto.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.server.lora.upload import STAGING_DIR
-from loraplex.server.model.shape import ModelShape
 from tests.integration.api.helpers import MAX_RANK, cli, request
 from tests.support.adapters import write_adapter
 from tests.support.server_process import ServerProcess

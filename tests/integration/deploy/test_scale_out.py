@@ -23,7 +23,7 @@ from transformers import AutoConfig
 from loraplex.client import Client, RetryPolicy
 from loraplex.client.affinity import AFFINITY_HEADER
 from loraplex.proto.v1 import generation_pb2_grpc
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 from tests.support.adapters import write_adapter
 from tests.support.deploy.files import dockerfile_stages
 from tests.support.deploy.nginx import NginxProcess, free_port

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from loraplex.server.config import load_settings
+from loraplex.server.core.errors import EngineError
+from loraplex.server.core.events import EngineListener
+from loraplex.server.core.types import Finished, GenerationRequest, TokenDelta
 from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.errors import EngineError
-from loraplex.server.engine.events import EngineListener
-from loraplex.server.engine.types import Finished, GenerationRequest, TokenDelta
 from loraplex.server.model.loader import LoadedBase
 
 

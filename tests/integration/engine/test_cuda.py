@@ -14,7 +14,7 @@ import torch
 
 from loadtests.random_model import write_random_llama
 from loraplex.server.config import ModelSettings
-from loraplex.server.engine.types import GenerationRequest, SamplingParams
+from loraplex.server.core.types import GenerationRequest, SamplingParams
 from loraplex.server.lora.ops import LoraBackend, lora_delta, lora_delta_reference, select_kernels
 from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import quantization_config

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from loraplex.server.config import load_settings
-from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.errors import (
+from loraplex.server.core.errors import (
     AdapterNotFound,
     AdapterRejected,
     Cancelled,
@@ -22,8 +21,8 @@ from loraplex.server.engine.errors import (
     Overloaded,
     ShuttingDown,
 )
-from loraplex.server.engine.events import EngineListener
-from loraplex.server.engine.types import (
+from loraplex.server.core.events import EngineListener
+from loraplex.server.core.types import (
     ChatMessage,
     FinishReason,
     GenerationRequest,
@@ -31,6 +30,7 @@ from loraplex.server.engine.types import (
     SamplingParams,
     TokenDelta,
 )
+from loraplex.server.engine.engine import Engine
 from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import collect, run_all
 from tests.support.adapters import QV, write_adapter

@@ -15,9 +15,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from loraplex.server.core.events import EngineListener
+from loraplex.server.core.types import ChatMessage
 from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.events import EngineListener
-from loraplex.server.engine.types import ChatMessage
 from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import Outcome, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter_set

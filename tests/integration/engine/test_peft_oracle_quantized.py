@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from loraplex.server.config import ModelSettings
-from loraplex.server.engine.types import ChatMessage
+from loraplex.server.core.types import ChatMessage
 from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import load_quantized
 from tests.integration.engine.conftest import make_engine, run_all

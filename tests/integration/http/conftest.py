@@ -11,7 +11,7 @@ import openai
 import pytest
 from transformers import AutoConfig
 
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 from tests.support.adapters import write_adapter
 from tests.support.server_process import ServerProcess
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import yaml
 
-from loraplex.server.model.shape import ModelShape
+from loraplex.server.core.shape import ModelShape
 from tests.integration.api.conftest import base_shape  # noqa: F401  (the shared fixture)
 from tests.support.adapters import write_adapter
 from tests.support.server_process import ServerProcess

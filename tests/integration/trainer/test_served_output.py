@@ -18,8 +18,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex.server.config import load_settings
+from loraplex.server.core.types import ChatMessage, Finished, GenerationRequest, SamplingParams, TokenDelta
 from loraplex.server.engine.engine import Engine
-from loraplex.server.engine.types import ChatMessage, Finished, GenerationRequest, SamplingParams, TokenDelta
 from loraplex.server.lora.format import MANIFEST_FILE, AdapterLimits, read_adapter
 from loraplex.server.model.loader import LoadedBase
 from loraplex.trainer.config import load_config

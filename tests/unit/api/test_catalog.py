@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, cast
 
 from loraplex.server.api.auth import OPEN_ACCESS, Tenant
 from loraplex.server.api.catalog import Listing, adapter_listing
-from loraplex.server.engine.types import AdapterInfo, ResidencyTier
+from loraplex.server.core.types import AdapterInfo, ResidencyTier
 from loraplex.server.lora.format import CONFIG_FILE
 from loraplex.server.lora.sources import AdapterRoots, files_signature
 

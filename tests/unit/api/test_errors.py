@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from loraplex.server.api.errors import MAX_MESSAGE_CHARS, PermissionDenied, Unauthenticated, status_of
-from loraplex.server.engine import errors as engine
+from loraplex.server.core import errors as engine
 from loraplex.server.routing import errors as routing
 
 CASES = [

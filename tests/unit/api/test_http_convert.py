@@ -12,8 +12,8 @@ from loraplex.server.api.errors import ENGINE_CODES, ROUTING_CODES, UPLOAD_CODES
 from loraplex.server.api.http.convert import chat_spec, completion_spec
 from loraplex.server.api.http.errors import HTTP_STATUS, InvalidField, body_too_large, reply_of
 from loraplex.server.api.http.schemas import ChatCompletionRequest, CompletionRequest
-from loraplex.server.engine.errors import AdapterNotFound, Overloaded, ShuttingDown
-from loraplex.server.engine.types import ChatMessage, SamplingParams
+from loraplex.server.core.errors import AdapterNotFound, Overloaded, ShuttingDown
+from loraplex.server.core.types import ChatMessage, SamplingParams
 
 CHAT = [{"role": "user", "content": "hi"}]
 

@@ -9,8 +9,8 @@ import pytest
 
 from loraplex.proto.inference import grpc_service_pb2 as oip
 from loraplex.server.api.oip_tensors import decode_inputs, llm_request, serialize_bytes, text_output
-from loraplex.server.engine.errors import InvalidRequest
-from loraplex.server.engine.types import Constraint, ConstraintKind, SamplingParams
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.types import Constraint, ConstraintKind, SamplingParams
 
 Tensor = oip.ModelInferRequest.InferInputTensor
 Contents = oip.InferTensorContents

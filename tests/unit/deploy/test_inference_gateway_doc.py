@@ -8,7 +8,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.server.config import ObservabilitySettings, Settings
-from loraplex.server.engine.types import EngineStats
+from loraplex.server.core.types import EngineStats
 from loraplex.server.observability.telemetry import Telemetry
 from tests.support.deploy.files import DEPLOY
 

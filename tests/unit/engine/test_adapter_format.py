@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import (
     AdapterLimits,
     AdapterRejected,
@@ -18,7 +19,6 @@ from loraplex.server.lora.format import (
     peft_key,
     read_adapter,
 )
-from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import QV, write_adapter
 from tests.support.shapes import TINY_SHAPE as SHAPE
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.server.engine.errors import AdapterNotFound
+from loraplex.server.core.errors import AdapterNotFound
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion, Retired
 from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.pool import DeviceSlots, PoolKey, SlotPool

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from loraplex.server.core.errors import InvalidRequest
+from loraplex.server.core.types import Constraint, ConstraintKind, SamplingParams
 from loraplex.server.engine.constraints import ConstraintCompiler
-from loraplex.server.engine.errors import InvalidRequest
 from loraplex.server.engine.sampler import SamplerState, filtered_logprobs, sample
-from loraplex.server.engine.types import Constraint, ConstraintKind, SamplingParams
 
 CPU = torch.device("cpu")
 DIGITS = Constraint(ConstraintKind.REGEX, "[0-9]{3}")

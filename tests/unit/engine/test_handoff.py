@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from loraplex.server.core.errors import Cancelled
+from loraplex.server.core.types import TokenDelta
 from loraplex.server.engine.engine import AsyncSink, LoopHandoff
-from loraplex.server.engine.errors import Cancelled
-from loraplex.server.engine.types import TokenDelta
 
 
 def _delta(text: str) -> TokenDelta:

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from loraplex.server.engine.kv_cache import BlockAllocator, KVCache, blocks_for
+from loraplex.server.model.kv_cache import BlockAllocator, KVCache, blocks_for
 
 
 def test_blocks_for_rounds_up() -> None:

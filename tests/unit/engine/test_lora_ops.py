@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.layers import LoraLinear
 from loraplex.server.lora.mapping import LoraMapping
@@ -26,7 +27,6 @@ from loraplex.server.lora.ops import (
     select_kernels,
 )
 from loraplex.server.lora.pool import DeviceSlots
-from loraplex.server.model.shape import ModelShape
 from tests.support.adapters import write_adapter
 
 CPU = torch.device("cpu")

@@ -15,14 +15,14 @@ from typing import Any, Literal
 import torch
 
 from loraplex.server.config import EngineSettings
-from loraplex.server.engine.events import EngineListener, Tier
-from loraplex.server.engine.kv_cache import KVCache
+from loraplex.server.core.events import EngineListener, Tier
 from loraplex.server.engine.scheduler import Scheduler
 from loraplex.server.engine.sequence import Sequence, Status
 from loraplex.server.lora.cache import AdapterManager
 from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.lora.sources import AdapterRoots
+from loraplex.server.model.kv_cache import KVCache
 from tests.support.adapters import write_adapter
 from tests.support.shapes import TINY_SHAPE as SHAPE
 

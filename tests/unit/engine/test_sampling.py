@@ -14,9 +14,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from loraplex.server.core.types import SamplingParams
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.server.engine.sampler import SamplerState, filtered_logprobs, sample
-from loraplex.server.engine.types import SamplingParams
 
 CPU = torch.device("cpu")
 PROMPT = [3, 5, 5]

@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.server.config import ObservabilitySettings
-from loraplex.server.engine.types import EngineStats, Finished, FinishReason, Timings, Usage
+from loraplex.server.core.types import EngineStats, Finished, FinishReason, Timings, Usage
 from loraplex.server.observability.labels import OTHER, LabelBounder
 from loraplex.server.observability.metrics import REQUEST_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, RouteGauges
 from loraplex.server.observability.telemetry import RequestLabels, RequestTiming, Telemetry

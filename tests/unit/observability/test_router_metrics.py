@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.server.config import ObservabilitySettings
-from loraplex.server.engine.types import AdapterInfo, EngineStats, ResidencyTier
+from loraplex.server.core.types import AdapterInfo, EngineStats, ResidencyTier
 from loraplex.server.observability.telemetry import Telemetry
 
 

@@ -15,8 +15,8 @@ from loraplex.server.api.auth import OPEN_ACCESS
 from loraplex.server.api.state import ServingState
 from loraplex.server.api.targets import resolve
 from loraplex.server.config import Settings, load_settings
-from loraplex.server.engine.errors import InternalError
-from loraplex.server.engine.types import (
+from loraplex.server.core.errors import InternalError
+from loraplex.server.core.types import (
     EngineStats,
     Finished,
     FinishReason,

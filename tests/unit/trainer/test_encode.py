@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from loraplex.server.engine.types import ChatMessage
+from loraplex.server.core.types import ChatMessage
 from loraplex.trainer.config import TrainConfig
 from loraplex.trainer.data import prepare_data
 from loraplex.trainer.encode import IGNORE, Encoder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.server.engine.types import ChatMessage
+from loraplex.server.core.types import ChatMessage
 from loraplex.trainer.config import DatasetSpec
 from loraplex.trainer.errors import DataError
 from loraplex.trainer.formats import ChatExample, TextExample, dataset_hash, read_dataset
