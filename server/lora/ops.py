@@ -22,9 +22,10 @@ Implementations (kernels), chosen per pool segment of every step by :class:`Lora
   stacks' window once in their own dtype, accumulates in float32 and adds the delta into the base output (one
   rounding). Eager ``bmm`` over reduced-precision stacks at one row per adapter runs at about half its float32
   speed on CPU, which is why the stacks used to stay float32 under a bf16 base; this kernel reads half the bytes of
-  float32 stacks instead. Compiled once per process (warm from TorchInductor's disk cache after the first), probed
-  against the reference at start-up (:func:`fused_kernel_works`); where it does not compile (no C++ compiler), the
-  stacks stay float32 and the other kernels run.
+  float32 stacks instead. Built ahead of time by AOTInductor (``compiled.py``: once per machine and torch version,
+  then loaded from disk in milliseconds; a call costs about 40 µs where ``torch.compile``'s call path alone took
+  50-60), probed against the reference at start-up (:func:`fused_kernel_works`); where it does not build (no C++
+  compiler), the stacks stay float32 and the other kernels run.
 - :func:`lora_delta_reference` is the plain per-token definition above, for tests.
 
 The CPU rule, measured by ``loadtests/bench_lora_ops.py`` (see loadtests/BENCHMARKS.md): fused where the segment
@@ -47,7 +48,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
-import torch.fx.experimental._config as fx_config
+
+from loraplex.server.lora import compiled
 
 log = logging.getLogger(__name__)
 
@@ -111,30 +113,42 @@ def _fused_window_add(
     return (y.float() + delta.index_select(0, offsets)).to(y.dtype)
 
 
+# The fused kernel's argument sizes (see :func:`compiled.load_or_build`): rows T, fan-in I, fan-out O, window W,
+# rank R.
+_FUSED_SIZES = {"y": ("T", "O"), "x": ("T", "I"), "a": ("W", "I", "R"), "b": ("W", "R", "O"), "offsets": ("T",)}
+
+
 @functools.cache
-def _compiled_fused_window_add() -> Callable[..., torch.Tensor]:
-    return torch.compile(_fused_window_add, dynamic=True)
+def _fused_kernel(dtype: torch.dtype) -> compiled.Kernel:
+    """The fused kernel's package for stacks of ``dtype``, built at examples whose sizes all differ."""
+    generator = torch.Generator().manual_seed(0)
+    examples = [
+        torch.randn(3, 48, generator=generator),  # y [T, O]
+        torch.randn(3, 64, generator=generator),  # x [T, I]
+        torch.randn(5, 64, 16, generator=generator),  # a [W, I, R]
+        torch.randn(5, 16, 48, generator=generator),  # b [W, R, O]
+    ]
+    offsets = torch.tensor([0, 1, 4])
+    return compiled.load_or_build(_fused_window_add, [*(t.to(dtype) for t in examples), offsets], _FUSED_SIZES)
 
 
 def lora_add_fused(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, window: SlotWindow, offsets: torch.Tensor
 ) -> torch.Tensor:
     """``y + delta`` for a segment with a slot window (``offsets``: each row's slot - ``window.first``), by the
-    compiled kernel. Sizes are symbolic and never unified (no duck shapes), so one compilation serves every module,
-    rank, window width and row count of two or more. The inputs are passed detached: a view would make the
-    compiled code guard on the layout of the tensor it views (the pool's stacks, the step's hidden states)."""
-    a_view = a.narrow(0, window.first, window.width).detach()
-    b_view = b.narrow(0, window.first, window.width).detach()
-    with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # installed by torch at import
-        return _compiled_fused_window_add()(y.detach(), x.detach(), a_view, b_view, offsets.detach())
+    ahead-of-time compiled kernel of the stacks' dtype (:func:`fused_kernel_works` builds it). Sizes are symbolic,
+    so one package serves every module, rank, window width and row count of two or more."""
+    return _fused_kernel(a.dtype)(
+        y, x, a.narrow(0, window.first, window.width), b.narrow(0, window.first, window.width), offsets
+    )
 
 
 @functools.cache
 def fused_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused kernel compiles and matches the reference here: CPU and a reduced-precision dtype only (on
-    CUDA grouped_mm serves; float32 stacks gain nothing from it). Compiles it once per process, as the forward pass
-    calls it (stacks made outside inference mode, views of one layer's stack at offset zero and beyond, the call
-    under inference mode), at sizes of two or more (sizes of one would specialise)."""
+    """Whether the fused kernel builds and matches the reference here: CPU and a reduced-precision dtype only (on
+    CUDA grouped_mm serves; float32 stacks gain nothing from it). Loads its AOTInductor package (built once per
+    machine and torch version, then cached on disk) and checks it at sizes of two or more on views of one layer's
+    stack at offset zero and beyond, under inference mode as the forward pass calls it."""
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
     started = time.perf_counter()
@@ -142,21 +156,21 @@ def fused_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
         generator = torch.Generator().manual_seed(0)
         stacks_a = (torch.randn(2, 6, 64, 16, generator=generator) / 8).to(dtype)  # [layers, C, in, R]
         stacks_b = (torch.randn(2, 6, 16, 48, generator=generator) / 4).to(dtype)
+        x = torch.randn(3, 64, generator=generator).to(dtype)
+        y = torch.randn(3, 48, generator=generator).to(dtype)
         cases = ((0, SlotWindow(0, 3, None), [0, 1, 2]), (1, SlotWindow(1, 4, None), [1, 2, 4]))
-        all_offsets = [torch.tensor(slots) - window.first for _, window, slots in cases]  # made per step, outside
         works = True
         with torch.inference_mode():
-            x = torch.randn(3, 64, generator=generator).to(dtype)
-            y = torch.randn(3, 48, generator=generator).to(dtype)
-            for (layer, window, slots), offsets in zip(cases, all_offsets, strict=True):
+            for layer, window, slots in cases:
                 a, b = stacks_a[layer], stacks_b[layer]
+                offsets = torch.tensor(slots) - window.first
                 got = lora_add_fused(y, x, a, b, window, offsets).float()
                 want = y.float() + lora_delta_reference(x.float(), a.float(), b.float(), torch.tensor(slots))
                 works = works and bool(torch.allclose(got, want, rtol=2e-2, atol=5e-2))
     except Exception as exc:  # any compiler or toolchain failure means: not here
         log.warning("fused LoRA kernel unavailable on %s/%s (%s): keeping float32 slot stacks", device, dtype, exc)
         return False
-    log.info("fused LoRA kernel for %s compiled in %.1f s: %s", dtype, time.perf_counter() - started, works)
+    log.info("fused LoRA kernel for %s ready in %.1f s: %s", dtype, time.perf_counter() - started, works)
     return works
 
 
