@@ -51,10 +51,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware: AVX512-BF16 or AMX-BF16 among its flags (oneDNN's own
+    check also says yes for plain AVX-512, where it emulates bfloat16). False where ``cpuinfo`` cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# What ``auto`` means for an unquantized base on a CPU with native bfloat16: chosen by loadtests/bench_server.py
+# (BENCHMARKS.md: bfloat16 decodes the base 2.3-2.8x and 32 distinct adapters 1.2-2.4x faster than float32).
+# tests/conftest.py pins it to float32, the precision the suite's PEFT comparisons (1e-3) hold at.
+CPU_AUTO_DTYPE = torch.bfloat16
+
+
+def resolve_dtype(name: str, device: torch.device, quantization: str = "none") -> torch.dtype:
+    """``auto``: bfloat16 on CUDA; on CPU :data:`CPU_AUTO_DTYPE` for an unquantized base where the CPU has native
+    bfloat16, else float32 (emulated bfloat16 is slower than float32, and int8/nf4 keep their float32 path)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    return CPU_AUTO_DTYPE if quantization == "none" and cpu_has_native_bf16() else torch.float32
 
 
 def load_base(settings: ModelSettings) -> LoadedBase:
@@ -62,8 +83,8 @@ def load_base(settings: ModelSettings) -> LoadedBase:
 
     started = time.monotonic()
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
     quantization = settings.quantization or ("nf4" if device.type == "cuda" else "none")
+    dtype = resolve_dtype(settings.dtype, device, quantization)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model_dir = resolve_model_dir(settings.base_model, settings.cache_dir)
