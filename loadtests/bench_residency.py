@@ -39,8 +39,10 @@ from loraplex.server.config import default_cache_dir  # noqa: E402
 from loraplex.server.core.events import EngineListener, Tier  # noqa: E402
 from loraplex.server.lora.cache import AdapterManager  # noqa: E402
 from loraplex.server.lora.format import AdapterLimits  # noqa: E402
+from loraplex.server.lora.ops import lora_stack_dtype  # noqa: E402
 from loraplex.server.lora.pool import DeviceSlots  # noqa: E402
 from loraplex.server.lora.sources import AdapterRoots  # noqa: E402
+from loraplex.server.model.loader import resolve_dtype  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
 
@@ -67,7 +69,7 @@ def cold_load(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         for index, adapter_id in enumerate(ids):
             if not (args.root / adapter_id / "adapter_config.json").exists():
                 write_adapter(args.root / adapter_id, shape, rank, seed=1000 + index, dtype=torch.float16)
-        slots = DeviceSlots(shape, args.device_slots, args.device_mib << 20, torch.float32, torch.device("cpu"))
+        slots = DeviceSlots(shape, args.device_slots, args.device_mib << 20, args.stack_dtype, torch.device("cpu"))
         manager = AdapterManager(AdapterRoots.of([args.root]), shape, AdapterLimits(128, 1 << 30), slots, 8 << 30, 1)
         to_host: list[float] = []
         to_device: list[float] = []
@@ -103,7 +105,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--cold-load", action="store_true", help="cold load latency per rank instead")
     parser.add_argument("--cold-adapters", type=int, default=12, help="adapters per rank in --cold-load")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the base's model.dtype; the slot stacks get the dtype the server gives them for it (auto: bfloat16 "
+        "on a CPU with native bfloat16 and the fused kernel, else float32)",
+    )
     args = parser.parse_args()
+    cpu = torch.device("cpu")
+    args.stack_dtype = lora_stack_dtype(cpu, resolve_dtype(args.dtype, cpu))
+    print(f"slot stacks: {args.stack_dtype}", file=sys.stderr)
     if args.cold_load:
         cold = cold_load(args)
         print(json.dumps(cold))
@@ -117,7 +128,7 @@ def main() -> None:
         if not (args.root / adapter_id / "adapter_config.json").exists():
             write_adapter(args.root / adapter_id, shape, RANKS[index % 4], seed=index, dtype=torch.float16)
     budget = args.device_mib << 20
-    slots = DeviceSlots(shape, args.device_slots, budget, torch.float32, torch.device("cpu"))
+    slots = DeviceSlots(shape, args.device_slots, budget, args.stack_dtype, torch.device("cpu"))
     listener = EvictionCount()
     manager = AdapterManager(
         AdapterRoots.of([args.root]), shape, AdapterLimits(128, 1 << 30), slots, 8 << 30, 1, listener=listener
