@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -333,10 +334,15 @@ def read_adapter(
             f"{base_fingerprint[:19]}…); re-train it on this base"
         )
 
-    # Read once: the bytes hashed are the bytes parsed, even if the file is replaced meanwhile.
+    # Read once: the bytes hashed are the bytes parsed, even if the file is replaced meanwhile. The first read asks
+    # for the size the open file has (one byte more shows growth): asking for the limit instead makes Python
+    # allocate a buffer of the limit and shrink it, 4 ms per load whatever the file's size.
     try:
-        with weights_path.open("rb") as handle:
-            weights = handle.read(limits.max_file_bytes + 1)
+        with weights_path.open("rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            weights = handle.read(min(size, limits.max_file_bytes) + 1)
+            if len(weights) > size:  # it grew while being read: read on, up to the limit
+                weights += handle.read(limits.max_file_bytes + 1 - len(weights))
     except OSError as exc:
         raise AdapterRejected(adapter_id, [f"cannot read {WEIGHTS_FILE}: {exc}"]) from exc
     if len(weights) > limits.max_file_bytes:
