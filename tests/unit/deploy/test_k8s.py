@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +34,14 @@ from tests.support.deploy.files import (
 
 # Native gRPC probes are GA since 1.27: validate against it and against the newest schemas the package knows.
 K8S_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
-# Custom resources have no schema in kubernetes-validate; test_custom_resources checks their structure instead.
-CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# Custom resources have no schema in kubernetes-validate; test_custom_resources and the inference-gateway test
+# check their structure instead.
+CUSTOM_RESOURCES = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("inference.networking.k8s.io/v1", "InferencePool"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+}
+COMPONENTS = ("adapter-sync", "inference-gateway")  # each rendered on top of the cpu overlay
 OVERLAYS = {"cpu": "cpu", "gpu": "cuda"}  # overlay → image variant
 SERVER_LABELS = {"app.kubernetes.io/name": "loraplex", "app.kubernetes.io/component": "server"}
 DRAIN_MARGIN_S = 5  # after the drain: the gRPC server's stop grace (1 s) and the engine thread's stop
@@ -42,21 +49,22 @@ DRAIN_MARGIN_S = 5  # after the drain: the gRPC server's stop grace (1 s) and th
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Manifest]]:
-    """Each overlay, plus the cpu overlay with the optional adapter-sync component, rendered once."""
+    """Each overlay, plus the cpu overlay with each optional component, rendered once."""
     objects = {name: kustomize(K8S / "overlays" / name) for name in OVERLAYS}
-    with_sync = tmp_path_factory.mktemp("overlay")
-    (with_sync / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                # kustomize wants relative paths
-                "resources": [os.path.relpath(K8S / "overlays" / "cpu", with_sync)],
-                "components": [os.path.relpath(K8S / "components" / "adapter-sync", with_sync)],
-            }
+    for component in COMPONENTS:
+        overlay = tmp_path_factory.mktemp("overlay")
+        (overlay / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    # kustomize wants relative paths
+                    "resources": [os.path.relpath(K8S / "overlays" / "cpu", overlay)],
+                    "components": [os.path.relpath(K8S / "components" / component, overlay)],
+                }
+            )
         )
-    )
-    objects["cpu+adapter-sync"] = kustomize(with_sync)
+        objects[f"cpu+{component}"] = kustomize(overlay)
     return objects
 
 
@@ -86,7 +94,7 @@ def port_named(spec: Manifest, name: str) -> int:
     return int(ports[0])
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu", "cpu+adapter-sync"])
+@pytest.mark.parametrize("overlay", ["cpu", "gpu", *(f"cpu+{component}" for component in COMPONENTS)])
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_object_validates_against_the_kubernetes_schemas(
     rendered: dict[str, list[Manifest]], overlay: str, version: str
@@ -237,7 +245,7 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_loads_an_nf4_base_from_its_volume(
     assert "nvidia.com/gpu" not in server_of(rendered["cpu"])["resources"].get("limits", {})
 
 
-@pytest.mark.parametrize("overlay", list(OVERLAYS))
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "cpu+inference-gateway"])
 def test_selectors_and_ports_connect(rendered: dict[str, list[Manifest]], overlay: str) -> None:
     objects = rendered[overlay]
     pods = {d["metadata"]["name"]: d for d in objects if d["kind"] == "Deployment"}
@@ -273,6 +281,56 @@ def test_the_hpa_scales_the_server_on_waiting_requests_through_prometheus_adapte
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     exposition = (DEPLOY.parent / "server" / "observability" / "metrics.py").read_text()
     assert '"loraplex_waiting_requests"' in exposition, "the server exports the metric the HPA scales on"
+
+
+def test_the_inference_pool_routes_to_the_server_pods_http_api_through_an_endpoint_picker_on_our_metrics(
+    rendered: dict[str, list[Manifest]], tmp_path: Path
+) -> None:
+    """The Gateway API Inference Extension component: the fields the Gateway and the endpoint picker read."""
+    objects = rendered["cpu+inference-gateway"]
+    pool = find(objects, "InferencePool", "loraplex")["spec"]
+    server_pod = find(objects, "Deployment", "loraplex")["spec"]["template"]["metadata"]["labels"]
+    epp = find(objects, "Deployment", "loraplex-epp")
+    assert pool["selector"]["matchLabels"].items() <= server_pod.items()
+    assert not pool["selector"]["matchLabels"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
+    settings = settings_of(objects, "cpu", tmp_path).server
+    assert pool["targetPorts"] == [{"number": settings.http_port}]  # the OpenAI API, where `model` is read
+    picker = pool["endpointPickerRef"]
+    assert set(picker) <= {"group", "kind", "name", "port", "failureMode"} and picker["failureMode"] == "FailClose"
+    service = find(objects, "Service", picker["name"])
+    assert picker["port"]["number"] in {p["port"] for p in service["spec"]["ports"]}
+
+    args = container(epp, "epp")["args"]
+    documented = re.findall(r"^  - (--\S+)$", (DEPLOY / "inference-gateway.md").read_text(), re.MULTILINE)
+    assert documented and set(documented) <= set(args), "the picker runs with the flags the doc names"
+    assert f"--model-server-metrics-port={settings.metrics_port}" in args
+    config_file = next(a.partition("=")[2] for a in args if a.startswith("--config-file="))
+    config_map = find(objects, "ConfigMap", "loraplex-epp")
+    mount = mount_of_container(epp, "epp", config_map["metadata"]["name"])
+    assert Path(config_file).parent == Path(mount) and Path(config_file).name in config_map["data"]
+    picker_config = yaml.safe_load(config_map["data"][Path(config_file).name])
+    assert picker_config["kind"] == "EndpointPickerConfig"
+    declared = {plugin["type"] for plugin in picker_config["plugins"]}
+    assert "lora-affinity-scorer" in declared
+    for profile in picker_config["schedulingProfiles"]:
+        assert {ref["pluginRef"] for ref in profile["plugins"]} <= declared
+
+    rules = find(objects, "Role", "loraplex-epp")["rules"]
+    assert any(r["apiGroups"] == ["inference.networking.k8s.io"] and "inferencepools" in r["resources"] for r in rules)
+    assert any(r["apiGroups"] == [""] and r["resources"] == ["pods"] and "watch" in r["verbs"] for r in rules)
+    binding = find(objects, "RoleBinding", "loraplex-epp")
+    assert binding["subjects"][0]["name"] == epp["spec"]["template"]["spec"]["serviceAccountName"]
+    (rule,) = find(objects, "HTTPRoute", "loraplex")["spec"]["rules"]
+    (backend,) = rule["backendRefs"]
+    assert backend == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "loraplex"}
+
+
+def mount_of_container(deployment: Manifest, name: str, config_map: str) -> str:
+    """The mount path at which container ``name`` of ``deployment`` mounts the ConfigMap ``config_map``."""
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = [v["name"] for v in pod["volumes"] if v.get("configMap", {}).get("name") == config_map]
+    (path,) = [m["mountPath"] for m in container(deployment, name)["volumeMounts"] if m["name"] == volume]
+    return str(path)
 
 
 def test_the_dashboard_configmap_is_the_grafana_dashboard(rendered: dict[str, list[Manifest]]) -> None:
