@@ -61,7 +61,7 @@ model: venv
 serve: venv model
 	$(BIN)/loraplex-server --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT) --adapter-root $(ADAPTERS)
 
-# Installs what the tests run for real (Debian's prometheus, nginx, kubectl: apt-get as root, else it stops and says
+# Installs what the tests run for real (Debian's prometheus, haproxy, kubectl: apt-get as root, else it stops and says
 # the command), the locked environment and the base model, then runs the suite.
 test: venv-dev
 	bash tools/system-deps.sh

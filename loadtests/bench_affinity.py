@@ -1,18 +1,20 @@
-"""Adapter affinity vs round robin across replicas: adapter cache hit rate, throughput and p99 time to first token.
+"""Bounded-load adapter affinity vs round robin across replicas: adapter cache hit rates, throughput, p99 TTFT.
 
-Several real ``loraplex-server`` replicas (embedded base, small per-replica adapter caches) sit behind Debian's nginx
-running the shipped deploy/nginx template: once as shipped (consistent hashing on ``x-loraplex-affinity``), once
-with its ``hash`` line removed (nginx's round robin). Both replay the same trace: requests over many synthetic
-adapters with Zipf-like popularity, streamed through ``loraplex.client.AsyncClient`` by a fixed number of
-closed-loop workers. Policies alternate in ABBA order; every round uses fresh adapter ids (hard links to the same
+Real ``loraplex-server`` replicas (embedded base, small per-replica adapter caches), each pinned to its own CPU
+(``taskset``) with a small batch, sit behind Debian's HAProxy running the shipped deploy/haproxy template: once as
+shipped (consistent hashing on ``x-loraplex-affinity`` with ``hash-balance-factor``), once with ``balance
+roundrobin``. A host-cache miss costs what a fetch from a remote adapter store costs (``adapters.fetch_latency_ms``
+and ``fetch_bytes_per_s``). Both policies replay the same trace: requests over many synthetic adapters with Zipf or
+uniform popularity, streamed through ``loraplex.client.AsyncClient`` by a fixed number of closed-loop workers.
+Per popularity the policies alternate in ABBA order; every round uses fresh adapter ids (hard links to the same
 weight files), so each round starts with cold adapter caches and the replicas stay up. Hit rates come from the
 replicas' ``/metrics`` (``loraplex_adapter_cache_requests_total{tier,result}``), TTFT is what the client sees.
 
 The ratios (affinity ÷ round robin) come from the same run, the same replicas and the same trace, overall and per
 ABBA pair (the spread of the pairs shows how much a shared machine moved them).
 
-    .venv/bin/python loadtests/bench_affinity.py           # the BENCHMARKS.md numbers (~9 min on 2 cores)
-    .venv/bin/python loadtests/bench_affinity.py --quick   # a smoke run (~4 min)
+    .venv/bin/python loadtests/bench_affinity.py           # the BENCHMARKS.md numbers
+    .venv/bin/python loadtests/bench_affinity.py --quick   # a smoke run: one pair of short rounds per popularity
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoConfig
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.support: the server and nginx launchers shared with the integration tests
+sys.path.insert(0, str(REPO))  # tests.support: the server and HAProxy launchers shared with the integration tests
 
 from loadtests.synthetic_adapters import ALL_LINEAR, write_adapter  # noqa: E402
 from loraplex.client import AsyncClient  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
 from loraplex.server.core.shape import ModelShape  # noqa: E402
 from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
-from tests.support.deploy.nginx import Balance, NginxProcess  # noqa: E402
+from tests.support.deploy.haproxy import Balance, HaproxyProcess  # noqa: E402
 from tests.support.deploy.replicas import running_replicas  # noqa: E402
 from tests.support.server_process import ServerProcess  # noqa: E402
 
@@ -60,16 +62,21 @@ CacheCounts = dict[tuple[str, str], float]  # (tier, result) -> requests
 
 @dataclass(frozen=True)
 class Workload:
-    replicas: int = 3
+    replicas: int = 2
+    cpus: str = "0,1"  # replica i runs on CPU cpus[i % n] (taskset); "" = unpinned
     adapters: int = 24
     rank: int = 16
     requests: int = 96  # per round
     concurrency: int = 6
     max_new_tokens: int = 8
-    zipf: float = 1.0  # popularity of adapter i ∝ 1/(i+1)^zipf
-    device_slots: int = 6  # per replica
+    popularities: str = "zipf,uniform"  # each gets its own ABBA rounds
+    zipf: float = 1.0  # Zipf popularity of adapter i ∝ 1/(i+1)^zipf
+    device_slots: int = 4  # per replica
     host_adapters: int = 8  # per replica: the host LRU holds this many adapters
-    rounds: int = 4  # ABBA...
+    max_running: int = 4  # per replica (engine.max_running): a small batch on one core
+    fetch_latency_ms: float = 50.0  # a host-cache miss: the remote store's latency ...
+    fetch_mb_per_s: float = 100.0  # ... plus the weights over its bandwidth (MB/s)
+    rounds: int = 4  # ABBA... per popularity
     seed: int = 7
 
 
@@ -83,10 +90,11 @@ class Round:
     per_replica: list[float] = field(default_factory=list)  # requests each replica served
 
 
-def trace(load: Workload) -> list[tuple[int, str]]:
-    """The requests of one round: (adapter index, prompt), the same for every round and policy."""
+def trace(load: Workload, popularity: str) -> list[tuple[int, str]]:
+    """The requests of one round: (adapter index, prompt), the same for every round and policy of a popularity."""
     rng = random.Random(load.seed)
-    weights = [1 / (index + 1) ** load.zipf for index in range(load.adapters)]
+    exponent = {"zipf": load.zipf, "uniform": 0.0}[popularity]
+    weights = [1 / (index + 1) ** exponent for index in range(load.adapters)]
     return [(rng.choices(range(load.adapters), weights)[0], rng.choice(PROMPTS)) for _ in range(load.requests)]
 
 
@@ -99,7 +107,7 @@ def write_adapters(root: Path, load: Workload) -> int:
     shape = ModelShape.from_config(AutoConfig.from_pretrained(resolve_model_dir("embedded", default_cache_dir())))
     for index in range(load.adapters):
         write_adapter(root / adapter_id(0, index), shape, load.rank, ALL_LINEAR, seed=1000 + index)
-        for round_index in range(1, load.rounds):
+        for round_index in range(1, load.rounds * len(load.popularities.split(","))):
             linked = root / adapter_id(round_index, index)
             linked.mkdir()
             for file in (root / adapter_id(0, index)).iterdir():
@@ -160,12 +168,17 @@ async def replay(target: str, round_index: int, requests: Sequence[tuple[int, st
 
 
 def run_round(
-    replicas: list[ServerProcess], urls: list[str], policy: Balance, round_index: int, load: Workload, run_dir: Path
+    replicas: list[ServerProcess],
+    urls: list[str],
+    policy: Balance,
+    round_index: int,
+    requests: Sequence[tuple[int, str]],
+    load: Workload,
+    run_dir: Path,
 ) -> Round:
     before = [scrape(url) for url in urls]
-    upstreams = [replica.target for replica in replicas]
-    with NginxProcess.start(run_dir / f"nginx-{round_index}", upstreams, policy) as proxy:
-        result = asyncio.run(replay(proxy.target, round_index, trace(load), load))
+    with HaproxyProcess.start(run_dir / f"haproxy-{round_index}", replicas, policy) as proxy:
+        result = asyncio.run(replay(proxy.target, round_index, requests, load))
     after = [scrape(url) for url in urls]
     result.policy = str(policy)
     for (old_cache, old_served), (new_cache, new_served) in zip(before, after, strict=True):
@@ -267,12 +280,15 @@ def main() -> None:
     defaults = Workload()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 40 requests")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 40 requests per popularity")
     args = parser.parse_args()
     values = {name: getattr(args, name) for name in asdict(defaults)}
     if args.quick:
         values |= {"requests": 40, "rounds": 2}
     load = Workload(**values)
+    popularities = load.popularities.split(",")
+    cpus = [int(cpu) for cpu in load.cpus.split(",") if cpu]
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-affinity-") as scratch:
         root = Path(scratch) / "adapters"
         root.mkdir()
@@ -280,26 +296,42 @@ def main() -> None:
         flags = (
             f"--adapters.device-slots={load.device_slots}",
             f"--adapters.host-bytes={load.host_adapters * adapter_bytes + (1 << 20)}",
-            "--engine.max-running=8",
+            f"--adapters.fetch-latency-ms={load.fetch_latency_ms}",
+            f"--adapters.fetch-bytes-per-s={int(load.fetch_mb_per_s * 1e6)}",
+            f"--engine.max-running={load.max_running}",
         )
-        print(f"{load}\nadapter size {adapter_bytes / 2**20:.1f} MiB; starting {load.replicas} replicas", flush=True)
-        with running_replicas(load.replicas, Path(scratch), [root], *flags) as replicas:
+        miss_s = load.fetch_latency_ms / 1e3 + adapter_bytes / (load.fetch_mb_per_s * 1e6)
+        print(
+            f"{load}\nadapter size {adapter_bytes / 2**20:.1f} MiB, a host miss waits {miss_s * 1e3:.0f} ms for the "
+            f"store; starting {load.replicas} replicas on CPUs {cpus or 'any'}",
+            flush=True,
+        )
+        results: dict[str, dict[str, list[Round]]] = {}
+        with running_replicas(load.replicas, Path(scratch), [root], *flags, cpus=cpus) as replicas:
             urls = [metrics_url(replica) for replica in replicas]
-            rounds: dict[str, list[Round]] = defaultdict(list)
-            for round_index, policy in enumerate(schedule(load.rounds)):
-                result = run_round(replicas, urls, policy, round_index, load, Path(scratch))
-                rounds[str(policy)].append(result)
-                print(
-                    f"round {round_index} {policy}: {len(result.ttft)} requests in {result.seconds:.1f} s, "
-                    f"device hit rate {hit_rate(result.cache, 'device'):.1%}, per replica {result.per_replica}",
-                    flush=True,
-                )
-    rows = [summary(rounds[str(policy)], load) for policy in (Balance.AFFINITY, Balance.ROUND_ROBIN)]
-    compared = ratios(rounds[str(Balance.AFFINITY)], rounds[str(Balance.ROUND_ROBIN)], load)
-    print(table(rows))
-    print()
-    print(ratio_table(compared))
-    print(json.dumps({"workload": asdict(load), "results": rows, "ratios": compared}, indent=2))
+            round_index = 0
+            for popularity in popularities:
+                requests = trace(load, popularity)
+                rounds = results[popularity] = defaultdict(list)
+                for policy in schedule(load.rounds):
+                    result = run_round(replicas, urls, policy, round_index, requests, load, Path(scratch))
+                    rounds[str(policy)].append(result)
+                    loads.append(os.getloadavg()[0])
+                    print(
+                        f"round {round_index} {popularity} {policy}: {len(result.ttft)} requests in "
+                        f"{result.seconds:.1f} s, device hit rate {hit_rate(result.cache, 'device'):.1%}, "
+                        f"per replica {result.per_replica}, load average {loads[-1]:.1f}",
+                        flush=True,
+                    )
+                    round_index += 1
+    report: dict[str, object] = {"workload": asdict(load), "load_average": loads}
+    for popularity, rounds in results.items():
+        rows = [summary(rounds[str(policy)], load) for policy in (Balance.AFFINITY, Balance.ROUND_ROBIN)]
+        compared = ratios(rounds[str(Balance.AFFINITY)], rounds[str(Balance.ROUND_ROBIN)], load)
+        print(f"\n{popularity} popularity\n\n{table(rows)}\n\n{ratio_table(compared)}")
+        report[popularity] = {"results": rows, "ratios": compared}
+    print(f"\nload average (1 min) before and after each round: {', '.join(f'{x:.1f}' for x in loads)}")
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

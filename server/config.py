@@ -76,6 +76,19 @@ class AdapterSettings(_Section):
     host_bytes: int = Field(8 * GIB, ge=MIB, description="bytes of host memory for the adapter LRU")
     max_file_bytes: int = Field(1 * GIB, ge=1, description="largest adapter weights file read")
     loader_threads: int = Field(2, ge=1, le=64, description="threads that read adapters from disk")
+    fetch_latency_ms: float = Field(
+        0.0,
+        ge=0,
+        le=600_000,
+        description="test and benchmark knob: every read of an adapter from its root into host memory waits this "
+        "long first, as a fetch from a remote store (object storage, NFS) would; 0 for local disks",
+    )
+    fetch_bytes_per_s: int = Field(
+        0,
+        ge=0,
+        description="test and benchmark knob: the bandwidth of that emulated store (the weights file's size over "
+        "it is added to the wait); 0 = no limit",
+    )
     preload: tuple[str, ...] = Field((), description="adapter ids loaded at start-up")
     list_limit: int = Field(
         1000,

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The programs the test suite runs for real, from Debian's packages: prometheus and promtool (tests/e2e), nginx (the
-# affinity proxy of tests/integration/deploy) and kubectl (`kubectl kustomize`, tests/unit/deploy). `make test`
+# The programs the test suite runs for real, from Debian's packages: prometheus and promtool (tests/e2e), haproxy (the
+# affinity proxy of tests/integration/deploy and tests/unit/deploy) and kubectl (`kubectl kustomize`, tests/unit/deploy). `make test`
 # calls this first: as root it installs what is missing with apt-get; otherwise it stops and prints the command.
 set -euo pipefail
-declare -A package_of=([prometheus]=prometheus [promtool]=prometheus [nginx]=nginx [kubectl]=kubectl)
-# nginx lives in /usr/sbin, which a non-root PATH may lack.
+declare -A package_of=([prometheus]=prometheus [promtool]=prometheus [haproxy]=haproxy [kubectl]=kubectl)
+# haproxy lives in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 missing=()
 for program in "${!package_of[@]}"; do

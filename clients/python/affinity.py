@@ -1,9 +1,9 @@
 """Adapter affinity for scale-out: generation calls name their route (or adapter) in one metadata header.
 
-A proxy in front of several replicas (Envoy ``ring_hash``/``maglev``, nginx ``hash … consistent``, HAProxy
-``balance hdr``) hashes on the header, so every request for one adapter lands on the same replica and that
-replica's adapter cache stays hot, while different adapters still spread over the replicas. The server ignores
-the header; calls for the base model send none, so a proxy spreads them freely.
+A proxy in front of several replicas (Envoy ``ring_hash``/``maglev``, HAProxy ``balance hdr`` with ``hash-type
+consistent``, both with a load bound) hashes on the header, so every request for one adapter lands on the same
+replica and that replica's adapter cache stays hot, while different adapters still spread over the replicas. The
+server ignores the header; calls for the base model send none, so a proxy spreads them freely.
 """
 
 from __future__ import annotations

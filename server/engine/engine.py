@@ -55,7 +55,7 @@ from loraplex.server.lora.cache import AdapterManager, AdapterVersion
 from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.ops import lora_stack_dtype, select_kernels
 from loraplex.server.lora.pool import DeviceSlots
-from loraplex.server.lora.sources import AdapterRoots
+from loraplex.server.lora.sources import AdapterRoots, StoreCost
 from loraplex.server.model.dora import dora_scales_for
 from loraplex.server.model.forward import DecoderForward
 from loraplex.server.model.kv_cache import KVCache
@@ -205,6 +205,7 @@ class Engine:
             base_fingerprint=base.fingerprint,
             dora_scales_fn=lambda weights: dora_scales_for(base, weights),
             listener=self.listener,
+            store_cost=StoreCost(ad.fetch_latency_ms / 1e3, ad.fetch_bytes_per_s),
         )
         self.lora_kernels = select_kernels(base.device, lora_dtype, eng.lora_kernel)
         self.forward = DecoderForward(base, self.kv, self.lora_kernels)

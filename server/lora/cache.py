@@ -52,6 +52,7 @@ from loraplex.server.lora.sources import (
     AdapterOutsideRoot,
     AdapterRoots,
     InvalidAdapterId,
+    StoreCost,
     files_signature,
     validate_adapter_id,
 )
@@ -115,8 +116,10 @@ class AdapterManager:
         base_fingerprint: str | None = None,
         dora_scales_fn: DoraScalesFn | None = None,
         listener: EngineListener | None = None,
+        store_cost: StoreCost | None = None,
     ) -> None:
         self.roots = roots
+        self.store_cost = store_cost or StoreCost()  # default: local files, no extra wait
         self.listener = listener or EngineListener()
         self.shape = shape
         self.limits = limits
@@ -230,6 +233,7 @@ class AdapterManager:
     def _load(self, entry: _Entry, directory: Path, signature: tuple[int, ...], future: Future[AdapterVersion]) -> None:
         started = time.perf_counter()
         outcome: Literal["ok", "rejected", "error"] = "ok"
+        time.sleep(self.store_cost.wait_s(directory))  # on a loader thread: the engine keeps stepping
         try:
             weights, dora = self._read(entry.adapter_id, directory)
         except peft_format.AdapterRejected as exc:

@@ -44,6 +44,26 @@ def files_signature(directory: Path) -> tuple[int, ...]:
     return tuple(parts)
 
 
+@dataclass(frozen=True)
+class StoreCost:
+    """What fetching an adapter from its root costs beyond reading local files: an emulated remote store's latency
+    and bandwidth (``adapters.fetch_latency_ms`` / ``fetch_bytes_per_s``, a test and benchmark knob), so a host-cache
+    miss costs what it costs in production. The default costs nothing."""
+
+    latency_s: float = 0.0
+    bytes_per_s: int = 0  # 0: no bandwidth limit
+
+    def wait_s(self, directory: Path) -> float:
+        """How long fetching the adapter in ``directory`` waits before its files are read."""
+        if not self.bytes_per_s:
+            return self.latency_s
+        try:
+            size = (directory / WEIGHTS_FILE).stat().st_size
+        except OSError:
+            size = 0  # the read that follows reports the missing file
+        return self.latency_s + size / self.bytes_per_s
+
+
 def validate_adapter_id(adapter_id: str) -> str:
     if not adapter_id or len(adapter_id) > MAX_ID_LENGTH:
         raise InvalidAdapterId(f"adapter id must be 1 to {MAX_ID_LENGTH} characters")

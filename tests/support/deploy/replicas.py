@@ -5,6 +5,7 @@ replica that served an adapter without any change to the server."""
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,14 +22,17 @@ Served = dict[str, int]  # adapter id -> requests served by one replica
 
 @contextmanager
 def running_replicas(
-    count: int, log_dir: Path, adapter_roots: Sequence[Path], *flags: str
+    count: int, log_dir: Path, adapter_roots: Sequence[Path], *flags: str, cpus: Sequence[int] = ()
 ) -> Iterator[list[ServerProcess]]:
-    """``count`` servers, started side by side (they load the base model at the same time); killed on exit."""
+    """``count`` servers, started side by side (they load the base model at the same time); killed on exit.
+    With ``cpus``, replica ``i`` runs pinned to CPU ``cpus[i % len(cpus)]`` (``taskset``): its own CPU budget."""
     replicas: list[ServerProcess] = []
     try:
         for index in range(count):
             log = log_dir / f"replica-{index}.log"
-            replicas.append(ServerProcess.start(log, adapter_roots, *SMALL, *flags, wait="listening"))
+            pinned = ("taskset", "-c", str(cpus[index % len(cpus)])) if cpus else ()
+            program = (*pinned, sys.executable, "-m", "loraplex.server.main")
+            replicas.append(ServerProcess.start(log, adapter_roots, *SMALL, *flags, wait="listening", program=program))
         for replica in replicas:
             replica.wait_for_log(SERVING)
         yield replicas
