@@ -76,7 +76,7 @@ class Workload:
     max_running: int = 4  # per replica (engine.max_running): a small batch on one core
     fetch_latency_ms: float = 50.0  # a host-cache miss: the remote store's latency ...
     fetch_mb_per_s: float = 100.0  # ... plus the weights over its bandwidth (MB/s)
-    rounds: int = 4  # ABBA... per popularity
+    rounds: int = 6  # ABBAAB per popularity: three pairs
     seed: int = 7
 
 
