@@ -41,9 +41,13 @@ def _directory(roots: AdapterRoots, adapter_id: str) -> Path:
 def check_path(roots: AdapterRoots, adapter_id: str, lora_path: str) -> None:
     """``lora_path`` must be the directory ``adapter_id`` resolves to (InvalidField otherwise)."""
     directory = _directory(roots, adapter_id)
-    given = Path(lora_path).expanduser()
-    candidates = [given] if given.is_absolute() else [root / given for root in roots.roots]
-    if not any(candidate.resolve() == directory for candidate in candidates):
+    try:
+        given = Path(lora_path).expanduser()
+        candidates = [given] if given.is_absolute() else [root / given for root in roots.roots]
+        same = any(candidate.resolve() == directory for candidate in candidates)
+    except (OSError, RuntimeError, ValueError):  # "~user" of no such user, a NUL byte, a symlink loop: not it
+        same = False
+    if not same:
         raise InvalidField(
             f"lora_path must be the directory of adapter '{adapter_id}' under an adapter root: loraplex loads "
             "adapters by id from its roots only (leave lora_path out, or copy the adapter under a root)",

@@ -6,6 +6,11 @@ buffers hold, and resumes them once the client has read enough; uvicorn's ``send
 A connection whose writes stay paused for ``server.stream_write_timeout_s`` is aborted: uvicorn sees the client as
 disconnected, the response stops (an SSE stream is cancelled like one whose client hung up: the engine frees its
 sequence at the next step), and the log says why.
+
+It also mends one case of uvicorn's: a request whose bytes turn invalid after its head (a broken chunked body)
+gets uvicorn's own 400 and a closed connection, while the handler already started for it still runs; a handler that
+answers without reading the body (a 401, say) then wrote a second response on the closed connection, which h11
+refuses (an error logged with its traceback). Here that handler sees its client as gone, as after a hang-up.
 """
 
 from __future__ import annotations
@@ -48,6 +53,16 @@ class WriteTimeoutProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_stall()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the handler's answer (if any) is dropped; its receive() says disconnect
+            cycle.message_event.set()
+            if cycle.response_started:  # h11 cannot start a second response: just close
+                self.transport.close()
+                return
+        super().send_400_response(msg)
 
     def _cancel_stall(self) -> None:
         if self._stalled is not None:

@@ -220,6 +220,8 @@ def test_vllm_load_and_unload_then_serve(server: ServerProcess, oai: openai.Open
     [
         ({"lora_name": "alpha", "lora_path": "/etc"}, "lora_path", "lora_path must be the directory"),
         ({"lora_name": "alpha", "lora_path": "../alpha/../beta"}, "lora_path", "lora_path must be the directory"),
+        ({"lora_name": "alpha", "lora_path": "alpha\x00"}, "lora_path", "lora_path must be the directory"),  # fuzzed
+        ({"lora_name": "alpha", "lora_path": "~no-such-user/alpha"}, "lora_path", "lora_path must be the directory"),
         ({"lora_name": "../escape"}, "lora_name", "is not a name"),
         ({"lora_path": "alpha"}, "lora_name", "Field required"),
     ],
@@ -280,6 +282,9 @@ def test_bad_requests_get_openai_errors_with_the_right_status(
 def test_a_body_that_is_not_json_is_400_and_one_over_the_size_limit_is_413(server: ServerProcess) -> None:
     response = post(server, "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert (response.status_code, error_of(response)["type"]) == (400, "invalid_request_error")
+    for body, says in ((b'{"model": "\xff"}', "not valid JSON"), (b'{"model": "\\ud800"}', "lone UTF-16 surrogate")):
+        response = post(server, "/v1/unload_lora_adapter", content=body)  # found by tests/resilience/test_fuzz_http
+        assert (response.status_code, says in error_of(response)["message"]) == (400, True), response.text
     huge = _chat_body(messages=[{"role": "user", "content": "x" * (MAX_BODY_BYTES + 10)}])
     response = post(server, "/v1/chat/completions", json=huge)
     assert (response.status_code, error_of(response)["code"]) == (413, "request_too_large")
