@@ -195,19 +195,26 @@ def options(adapter: str | None, new_tokens: int) -> GenerateOptions:
 
 
 async def run_requests(
-    client: AsyncClient, prompt: str, adapters: Sequence[str | None], in_flight: int, new_tokens: int
+    client: AsyncClient,
+    prompt: str,
+    adapters: Sequence[str | None],
+    in_flight: int,
+    new_tokens: int,
+    extra: GenerateOptions | None = None,
 ) -> tuple[list[Sample], list[str], float]:
-    """Sends one request per entry of ``adapters`` with ``in_flight`` outstanding (a worker each); returns the
-    finished samples, the errors, and seconds from the first send to the last finish."""
+    """Sends one request per entry of ``adapters`` with ``in_flight`` outstanding (a worker each), each with
+    :func:`options` plus ``extra`` (a constraint, say); returns the finished samples, the errors, and seconds from
+    the first send to the last finish."""
     queue = list(adapters)[::-1]  # popped from the end: request order
     samples: list[Sample] = []
     errors: list[str] = []
 
     async def worker() -> None:
         while queue:
-            adapter = queue.pop()
+            chosen = options(queue.pop(), new_tokens)
+            chosen.update(extra or {})
             try:
-                done = await client.generate(prompt, **options(adapter, new_tokens))
+                done = await client.generate(prompt, **chosen)
             except Exception as error:  # a failed request is counted, never the end of the benchmark
                 errors.append(f"{type(error).__name__}: {error}")
                 continue
