@@ -143,6 +143,18 @@ class EngineSettings(_Section):
         le=256,
         description="tokens per KV-cache block: a sequence holds whole blocks, taken as its tokens are computed",
     )
+    prefix_cache: bool = Field(
+        True,
+        description="reuse the KV blocks of a prompt prefix computed before (full blocks keyed by base, adapter "
+        "version's content hash, tenant or cache salt and every token so far); idle cached blocks are evicted "
+        "least recently used when live sequences need room",
+    )
+    prefix_cache_share_tenants: bool = Field(
+        False,
+        description="let requests of different tenants reuse each other's cached blocks (requests with a "
+        "cache_salt still only meet their salt); off by default, as a shared cache leaks prompts through time "
+        "to first token",
+    )
     max_seq_len: int = Field(4096, ge=16, description="prompt + new tokens of one request")
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt accepted")
     max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens accepted")

@@ -99,6 +99,7 @@ def generate_request(
         adapter_id=options.get("adapter", ""),
         route=options.get("route", ""),
         user_key=options.get("user_key", ""),
+        cache_salt=options.get("cache_salt", ""),
         prompt=prompt or "",
         messages=_chat(messages),
         sampling=generation_pb2.SamplingParameters(**sampling, constraint=_constraint(options)),

@@ -84,6 +84,7 @@ def generation_request(
     target: Target,
     deadline: float | None,
     default_max_new_tokens: int,
+    tenant: str,
 ) -> GenerationRequest:
     prompt, messages = prompt_of(message.prompt, list(message.messages))
     return GenerationRequest(
@@ -93,6 +94,8 @@ def generation_request(
         adapter_id=target.adapter_id,
         sampling=sampling_params(message.sampling, default_max_new_tokens),
         deadline=deadline,
+        tenant=tenant,
+        cache_salt=message.cache_salt or None,
     )
 
 

@@ -36,7 +36,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def _engine_request(
         self, request: generation_pb2.GenerateRequest, context: Context, record: RequestTrack
     ) -> tuple[GenerationRequest, Target]:
-        target = resolve(current_tenant(), self._state.router, request.adapter_id, request.route, request.user_key)
+        tenant = current_tenant()
+        target = resolve(tenant, self._state.router, request.adapter_id, request.route, request.user_key)
         record.resolved(target)
         engine_request = convert.generation_request(
             request,
@@ -44,6 +45,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             target=target,
             deadline=deadline_of(context),
             default_max_new_tokens=self._state.settings.server.default_max_new_tokens,
+            tenant=tenant.name,
         )
         return engine_request, target
 

@@ -157,6 +157,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             adapter_id=target.adapter_id,
             sampling=llm.sampling,
             deadline=deadline_of(context),
+            tenant=current_tenant().name,
         )
         return _Prepared(engine_request, target, request.model_name, request.id, shape, llm.stream)
 

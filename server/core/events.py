@@ -29,3 +29,10 @@ class EngineListener:
 
     def preempted(self, tokens: int) -> None:
         """A running sequence gave its KV blocks back (out of cache); ``tokens`` will be recomputed on resume."""
+
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """An admitted sequence looked up its prompt in the prefix cache: ``cached_tokens`` of its
+        ``prompt_tokens`` were found (their prefill is skipped)."""
+
+    def prefix_evicted(self, blocks: int) -> None:
+        """Idle cached KV blocks were evicted to make room for live sequences."""

@@ -51,7 +51,9 @@ class ChatMessage:
 class GenerationRequest:
     """One generation. Exactly one of ``prompt``, ``messages`` or ``prompt_token_ids`` is set.
 
-    ``adapter_id`` None (or "") means the base model. ``deadline`` is a ``time.monotonic()`` instant.
+    ``adapter_id`` None (or "") means the base model. ``deadline`` is a ``time.monotonic()`` instant. ``tenant``
+    (the caller's, set by the API layer from its auth token) and ``cache_salt`` (the request's own) name its prefix
+    cache namespace: blocks are reused only between requests of the same namespace (server/engine/prefix.py).
     """
 
     request_id: str
@@ -61,6 +63,8 @@ class GenerationRequest:
     adapter_id: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None
+    tenant: str | None = None
+    cache_salt: str | None = None
 
 
 class FinishReason(StrEnum):
@@ -143,3 +147,4 @@ class EngineStats:
     running_adapters: tuple[str, ...] = ()  # sorted ids of adapters with a running request
     waiting_adapters: tuple[str, ...] = ()  # sorted ids of adapters with a waiting request (vLLM: may also be running)
     device_slots: int = 0  # adapters.device_slots: adapters the device holds at once
+    prefix_cache_blocks: int = 0  # KV blocks published in the prefix cache (referenced or idle)

@@ -24,7 +24,6 @@ class BuiltStep:
     batch: StepBatch
     chunks: tuple[ScheduledChunk, ...]  # in batch order
     sampled: tuple[ScheduledChunk, ...]  # chunks whose last row is sampled, in logits order
-    pooled: tuple[ScheduledChunk, ...]  # chunks with prompt rows, in prompt_hidden_sums order
 
 
 def _order_key(chunk: ScheduledChunk) -> tuple[int, int, int]:
@@ -43,8 +42,8 @@ def build_step(chunks: list[ScheduledChunk], kv: KVCache, device: torch.device) 
     sample_rows: list[int] = []
     sampled: list[ScheduledChunk] = []
     prompt_rows: list[int] = []
-    prompt_owner: list[int] = []
-    pooled: list[ScheduledChunk] = []
+    prompt_blocks: list[int] = []
+    fresh_blocks: list[int] = []
     lora_rows: list[tuple[SlotPool, int, int]] = []
     for chunk in ordered:
         seq = chunk.seq
@@ -53,7 +52,8 @@ def build_step(chunks: list[ScheduledChunk], kv: KVCache, device: torch.device) 
         stop = first + chunk.num_tokens
         input_ids += seq.token_ids(first, stop)
         positions += range(first, stop)
-        cache_index += kv.slots(seq.blocks, first, stop)
+        slots = kv.slots(seq.blocks, first, stop)
+        cache_index += slots
         spans.append(SequenceSpan(start, chunk.num_tokens, first, seq.blocks))
         if chunk.samples:
             sample_rows.append(len(input_ids) - 1)
@@ -61,8 +61,9 @@ def build_step(chunks: list[ScheduledChunk], kv: KVCache, device: torch.device) 
         prompt_end = min(first + chunk.num_tokens, len(seq.prompt_ids))
         if first < prompt_end:
             prompt_rows += range(start, start + prompt_end - first)
-            prompt_owner += [len(pooled)] * (prompt_end - first)
-            pooled.append(chunk)
+            prompt_blocks += (slot // kv.block_size for slot in slots[: prompt_end - first])
+            size = kv.block_size
+            fresh_blocks += (seq.blocks[p // size] for p in range(first + -first % size, prompt_end, size))
         adapter = seq.adapter
         if adapter is not None and adapter.placement is not None:
             lora_rows.append((adapter.placement.pool, adapter.placement.slot, chunk.num_tokens))
@@ -78,7 +79,7 @@ def build_step(chunks: list[ScheduledChunk], kv: KVCache, device: torch.device) 
         sample_rows=tensor(sample_rows),
         lora=LoraMapping.build(lora_rows, device),
         prompt_rows=tensor(prompt_rows) if prompt_rows else None,
-        prompt_owner=tensor(prompt_owner) if prompt_owner else None,
-        num_pooled=len(pooled),
+        prompt_blocks=tensor(prompt_blocks) if prompt_blocks else None,
+        fresh_blocks=tensor(fresh_blocks) if prompt_blocks else None,
     )
-    return BuiltStep(batch, tuple(ordered), tuple(sampled), tuple(pooled))
+    return BuiltStep(batch, tuple(ordered), tuple(sampled))

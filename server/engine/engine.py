@@ -500,6 +500,7 @@ class Engine:
             running_adapters=tuple(sorted(running)),
             waiting_adapters=tuple(sorted(waiting)),
             device_slots=self.settings.adapters.device_slots,
+            prefix_cache_blocks=self.kv.allocator.num_cached,
         )
 
     # ----------------------------------------------------------------------------------------------- admin
@@ -560,6 +561,10 @@ class Engine:
         chunks, failed = self.scheduler.schedule()
         for tokens in self.scheduler.preempted_tokens:
             self.listener.preempted(tokens)
+        for prompt_tokens, cached_tokens in self.scheduler.prefix_lookups:
+            self.listener.prefix_lookup(prompt_tokens, cached_tokens)
+        if self.scheduler.prefix_evictions:
+            self.listener.prefix_evicted(self.scheduler.prefix_evictions)
         for seq, error in failed:
             self._fail(seq, error)
         self._running_count = len(self.scheduler.running)
@@ -600,17 +605,9 @@ class Engine:
         self.steps += 1
         adapters = {id(chunk.seq.adapter) for chunk in chunks if chunk.seq.adapter is not None}
         tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
-        if output.prompt_hidden_sums is not None:
-            sums = output.prompt_hidden_sums.tolist()
-            for chunk, row in zip(built.pooled, sums, strict=True):
-                seq = chunk.seq
-                seq.prompt_hidden_sum = (
-                    row
-                    if seq.prompt_hidden_sum is None
-                    else [a + b for a, b in zip(seq.prompt_hidden_sum, row, strict=True)]
-                )
         for chunk in built.chunks:
             chunk.seq.num_computed += chunk.num_tokens
+            self.scheduler.computed(chunk.seq)
         for chunk, token, logprob in zip(built.sampled, tokens, logprobs, strict=True):
             if math.isfinite(logprob):
                 self._emit(chunk.seq, token, logprob)
@@ -666,13 +663,11 @@ class Engine:
             self._finish(seq, reason, now)
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        count = len(seq.prompt_ids)
+        embedding = self.forward.prompt_embedding(seq.blocks[: self.kv.blocks_for(count)], count)
         self.scheduler.remove(seq, served=True)
         with self._lock:
             self._live.pop(seq.request_id, None)
-        embedding = None
-        if seq.prompt_hidden_sum is not None:
-            count = len(seq.prompt_ids)
-            embedding = tuple(value / count for value in seq.prompt_hidden_sum)
         self._push(
             seq,
             Finished(
@@ -720,5 +715,6 @@ def describe(engine: Engine) -> dict[str, Any]:
         "attention": "paged: one SDPA call per layer (padded or flat layout per step)",
         "kv_cache_tokens": engine.kv.capacity,
         "kv_block_size": engine.kv.block_size,
+        "prefix_cache": engine.settings.engine.prefix_cache,
         "torch_threads": torch.get_num_threads(),
     }

@@ -13,8 +13,11 @@ Every step, in this order:
 3. **Admission**: waiting sequences, in arrival order (preempted ones first), join while the running limit, the
    token budget and the KV blocks allow: a newcomer needs blocks for its first chunk and leaves a small reserve
    (``1%`` of the blocks) for the running sequences' next tokens, so admitting does not force a preemption on the
-   next step. It needs its adapter in memory and on the device too (a sequence whose adapter is still loading is
-   skipped, not waited for). Adapters are looked up (read from disk if need be) only for the next ``max_running``
+   next step. With ``engine.prefix_cache`` on, a newcomer first takes the cached blocks of its longest cached
+   prompt prefix (:mod:`.prefix` keys them; at least its last prompt token is left to compute, for its logits) and
+   its first chunk starts past them; after each step, sequences publish the prompt blocks they filled. It needs
+   its adapter in memory and on the device too (a sequence whose adapter is still loading is skipped, not waited
+   for). Adapters are looked up (read from disk if need be) only for the next ``max_running``
    waiting sequences, not when a request arrives: a deep queue of requests for distinct adapters would otherwise
    read them all at once and evict each other's from the host cache before they run.
 4. **Prefetch** (:meth:`Scheduler.prefetch`, after the step's tokens went out): the adapters of the next
@@ -34,6 +37,7 @@ from itertools import islice
 
 from loraplex.server.config import EngineSettings
 from loraplex.server.core.errors import AdapterNotFound, EngineError
+from loraplex.server.engine.prefix import block_keys, root_key
 from loraplex.server.engine.sequence import Sequence, Status
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion, Retired
 from loraplex.server.model.kv_cache import KVCache
@@ -58,6 +62,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.preempted_tokens: list[int] = []  # computed tokens each preemption of the last schedule() gave back
+        self.prefix_lookups: list[tuple[int, int]] = []  # (prompt tokens, cached tokens) per admission of the last
+        self.prefix_evictions = 0  # idle cached blocks the last schedule() evicted
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -123,11 +129,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Takes back a running sequence's blocks; it waits at the front of the queue to recompute."""
         self.running.remove(seq)
-        self.kv.allocator.free(seq.blocks)
         self.preempted_tokens.append(seq.num_computed)
-        seq.blocks = []
-        seq.num_computed = 0
-        seq.prompt_hidden_sum = None
+        self._release_blocks(seq)
         seq.preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -164,20 +167,67 @@ class Scheduler:
             budget -= take
         return budget
 
+    def _release_blocks(self, seq: Sequence) -> None:
+        """Drops the sequence's block references (tail first: its deepest cached blocks are evicted first) and its
+        prefix keys (they name its adapter version, which a sequence that is not running may still change)."""
+        self.kv.allocator.free(reversed(seq.blocks))
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.prefix_keys = None
+        seq.num_published = 0
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Starts a sequence with nothing computed on the cached blocks of its longest cached prompt prefix,
+        leaving at least its last token to compute; the tokens reused."""
+        if not self.settings.prefix_cache or seq.num_computed:
+            return 0
+        if seq.prefix_keys is None:  # the adapter version it runs with is known from here on
+            root = root_key(
+                self.adapters.base_fingerprint or "",
+                seq.adapter,
+                seq.request,
+                self.settings.prefix_cache_share_tenants,
+            )
+            seq.prefix_keys = block_keys(root, seq.prompt_ids, self.kv.block_size)
+        usable = min(len(seq.prefix_keys), (seq.total_len - 1) // self.kv.block_size)
+        hits = self.kv.allocator.lookup(seq.prefix_keys[:usable])
+        self.kv.allocator.share(hits)
+        seq.blocks = hits
+        seq.num_published = len(hits)
+        seq.num_computed = len(hits) * self.kv.block_size
+        return seq.num_computed
+
     def _admit(self, seq: Sequence, budget: int) -> int:
-        """Takes the blocks of ``seq``'s first chunk and returns its tokens; 0 (nothing taken) when too few are
-        free beside the reserve."""
+        """Takes the blocks of ``seq``'s first chunk (after its cached prefix) and returns its tokens; 0 (nothing
+        taken) when too few are free beside the reserve."""
+        reused = self._reuse_prefix(seq)
         take = min(seq.pending, budget)
         reserve = max(1, self.kv.num_blocks // 100) if self.running else 0
-        if self.kv.blocks_for(take) + reserve > self.kv.allocator.num_free or not self._grow(seq, take):
+        missing = self.kv.blocks_for(seq.num_computed + take) - len(seq.blocks)
+        if missing + reserve > self.kv.allocator.num_free or not self._grow(seq, take):
+            self._release_blocks(seq)
             return 0
+        if self.settings.prefix_cache:
+            self.prefix_lookups.append((len(seq.prompt_ids), reused))
         return take
+
+    def computed(self, seq: Sequence) -> None:
+        """After a step: publishes the prompt blocks of ``seq`` that are now full."""
+        keys = seq.prefix_keys
+        if keys is None:
+            return
+        full = min(len(keys), seq.num_computed // self.kv.block_size)
+        for index in range(seq.num_published, full):
+            self.kv.allocator.publish(seq.blocks[index], keys[index])
+        seq.num_published = max(seq.num_published, full)
 
     def schedule(self) -> tuple[list[ScheduledChunk], list[tuple[Sequence, EngineError]]]:
         """The next step's chunks, and waiting sequences that failed (their adapter cannot be served); those stay
         in ``waiting`` until the engine fails them through ``remove``."""
         chunks: list[ScheduledChunk] = []
         self.preempted_tokens = []
+        self.prefix_lookups = []
+        evictions = self.kv.allocator.evictions
         self._decode(chunks)
         budget = self._prefill(chunks, self.settings.max_batch_tokens - len(chunks))
         failed: list[tuple[Sequence, EngineError]] = []
@@ -204,6 +254,7 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, take))
             budget -= take
+        self.prefix_evictions = self.kv.allocator.evictions - evictions
         return chunks, failed
 
     def prefetch(self) -> int:
@@ -226,8 +277,7 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         if seq.blocks:
-            self.kv.allocator.free(seq.blocks)
-            seq.blocks = []
+            self._release_blocks(seq)
         self._drop_adapter(seq, served)
         seq.status = Status.FINISHED
 

@@ -4,9 +4,11 @@ Lifecycle: ``WAITING`` (queued; its adapter may still be loading) → ``RUNNING`
 growing with its tokens, and an adapter reference; prefill chunks, then one token per step) → ``FINISHED``. When
 the KV cache runs out, the scheduler *preempts* the newest running sequences: back to ``WAITING`` at the front of
 the queue, blocks freed and ``num_computed`` reset to 0, but keeping its output so far and its adapter reference;
-on resumption it recomputes prompt + output (a prefill) and continues, emitting no token twice. Only the engine
-thread mutates a sequence, except :meth:`cancel`, which any thread may call (the engine frees the sequence at its
-next step).
+on resumption it recomputes prompt + output (a prefill) and continues, emitting no token twice. With the prefix
+cache on, a sequence that starts (or resumes) begins with the cached blocks of its longest cached prompt prefix
+(shared with other sequences, ``num_computed`` past them) and publishes its own full prompt blocks as they fill.
+Only the engine thread mutates a sequence, except :meth:`cancel`, which any thread may call (the engine frees the
+sequence at its next step).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     logprob_sum: float = 0.0
-    prompt_hidden_sum: list[float] | None = None
+    prefix_keys: list[bytes] | None = None  # prefix-cache keys of its full prompt blocks (server/engine/prefix.py)
+    num_published: int = 0  # leading blocks of its table that are published in the prefix cache (or were tried)
     scheduled_at: float | None = None
     first_token_at: float | None = None
     cancel_reason: EngineError | None = None

@@ -31,14 +31,13 @@ class StepBatch:
     sample_rows: torch.Tensor  # [S] long: rows whose next-token logits are wanted
     lora: LoraMapping
     prompt_rows: torch.Tensor | None = None  # [P] long: prompt rows to pool for prompt embeddings
-    prompt_owner: torch.Tensor | None = None  # [P] long: index into the pooled sums, per prompt row
-    num_pooled: int = 0
+    prompt_blocks: torch.Tensor | None = None  # [P] long: the KV block of each prompt row (its sum's row)
+    fresh_blocks: torch.Tensor | None = None  # [F] long: blocks whose first prompt row is in this step (zeroed first)
 
 
 @dataclass(frozen=True)
 class StepOutput:
     logits: torch.Tensor  # [S, vocab] float32
-    prompt_hidden_sums: torch.Tensor | None  # [num_pooled, hidden] float32: sums of final hidden states
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +62,9 @@ class DecoderForward:
         self.norm = inner.norm
         self.lm_head = base.model.lm_head
         self.layers = list(inner.layers)
+        # [num_blocks, hidden] float32: per KV block, the sum of its prompt rows' final (normed) hidden states, kept
+        # with the block so that a prefix-cache hit still yields the whole prompt's mean-pooled embedding
+        self.prompt_sums = torch.zeros(kv_cache.num_blocks, shape.hidden_size, device=base.device)
         self.linears: list[dict[str, LoraLinear]] = []
         for index, layer in enumerate(self.layers):
             wrapped = {m: LoraLinear(getattr(layer.self_attn, m), index, m, kernels) for m in ATTENTION_MODULES}
@@ -91,11 +93,16 @@ class DecoderForward:
             x = layer.post_attention_layernorm(hidden)
             gated = layer.mlp.act_fn(linear["gate_proj"](x, mapping)) * linear["up_proj"](x, mapping)
             hidden = hidden + linear["down_proj"](gated, mapping)
-        sums = None
-        if batch.prompt_rows is not None and batch.prompt_owner is not None and batch.num_pooled:
+        if batch.prompt_rows is not None and batch.prompt_blocks is not None and batch.fresh_blocks is not None:
             normed = self.norm(hidden.index_select(0, batch.prompt_rows)).float()
-            sums = torch.zeros(batch.num_pooled, normed.shape[1], device=normed.device)
-            sums.index_add_(0, batch.prompt_owner, normed)
+            self.prompt_sums.index_fill_(0, batch.fresh_blocks, 0.0)
+            self.prompt_sums.index_add_(0, batch.prompt_blocks, normed)
         final = self.norm(hidden.index_select(0, batch.sample_rows))
         logits = self.lm_head(final).float()
-        return StepOutput(logits=logits, prompt_hidden_sums=sums)
+        return StepOutput(logits=logits)
+
+    def prompt_embedding(self, blocks: list[int], prompt_tokens: int) -> tuple[float, ...]:
+        """Mean final hidden state over a prompt of ``prompt_tokens`` tokens held in ``blocks`` (its table's
+        first blocks): one device → host copy."""
+        sums = self.prompt_sums.index_select(0, torch.tensor(blocks, device=self.prompt_sums.device))
+        return tuple((sums.sum(0) / prompt_tokens).tolist())

@@ -30,3 +30,11 @@ class MetricsListener(EngineListener):
     def preempted(self, tokens: int) -> None:
         self._metrics.preemptions.inc()
         self._metrics.recomputed_tokens.inc(tokens)
+
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self._metrics.prefix_lookups.labels("hit" if cached_tokens else "miss").inc()
+        self._metrics.prefix_prompt_tokens.inc(prompt_tokens)
+        self._metrics.prefix_hit_tokens.inc(cached_tokens)
+
+    def prefix_evicted(self, blocks: int) -> None:
+        self._metrics.prefix_evictions.inc(blocks)

@@ -110,6 +110,27 @@ class Metrics:
             "Tokens whose KV blocks were taken back by preemption (recomputed on resume)",
             registry=registry,
         )
+        self.prefix_lookups = Counter(
+            "loraplex_prefix_cache_lookups_total",
+            "Prompts looked up in the prefix cache at admission (result: hit when any block was cached)",
+            ("result",),
+            registry=registry,
+        )
+        self.prefix_prompt_tokens = Counter(
+            "loraplex_prefix_cache_prompt_tokens_total",
+            "Prompt tokens of the prompts looked up in the prefix cache",
+            registry=registry,
+        )
+        self.prefix_hit_tokens = Counter(
+            "loraplex_prefix_cache_hit_tokens_total",
+            "Prompt tokens found in the prefix cache (their prefill skipped)",
+            registry=registry,
+        )
+        self.prefix_evictions = Counter(
+            "loraplex_prefix_cache_evictions_total",
+            "Idle cached KV blocks evicted for live sequences",
+            registry=registry,
+        )
         self.adapter_cache_requests = Counter(
             "loraplex_adapter_cache_requests_total",
             "Adapter look-ups per tier (result: hit or miss)",
@@ -188,6 +209,11 @@ class StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "loraplex_kv_cache_usage_ratio", "Share of KV-cache tokens in use (0..1)", value=stats.kv_cache_usage
+        )
+        yield GaugeMetricFamily(
+            "loraplex_prefix_cache_blocks",
+            "KV blocks published in the prefix cache (referenced by sequences or idle, evictable)",
+            value=stats.prefix_cache_blocks,
         )
         resident = GaugeMetricFamily("loraplex_adapters_resident", "Adapters resident per tier", labels=("tier",))
         resident.add_metric(("device",), stats.adapters_on_device)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x02\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12+\n\nconstraint\x18\n \x01(\x0b\x32\x17.loraplex.v1.ConstraintB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"E\n\nConstraint\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.loraplex.v1.ConstraintKind\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x10\n\x08user_key\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x31\n\x08sampling\x18\x07 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"y\n\x07Timings\x12\x1a\n\x12queue_wait_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ngine_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"W\n\x08ServedBy\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\r\x12\r\n\x05route\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\"\xff\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12(\n\tserved_by\x18\x08 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\"\x85\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12(\n\tserved_by\x18\x08 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\"M\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r*\xab\x01\n\x0e\x43onstraintKind\x12\x1f\n\x1b\x43ONSTRAINT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43ONSTRAINT_KIND_JSON_SCHEMA\x10\x01\x12\x1f\n\x1b\x43ONSTRAINT_KIND_JSON_OBJECT\x10\x02\x12\x19\n\x15\x43ONSTRAINT_KIND_REGEX\x10\x03\x12\x1b\n\x17\x43ONSTRAINT_KIND_GRAMMAR\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf5\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraplex/v1/generation.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x02\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12+\n\nconstraint\x18\n \x01(\x0b\x32\x17.loraplex.v1.ConstraintB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"E\n\nConstraint\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.loraplex.v1.ConstraintKind\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xdd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x10\n\x08user_key\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x31\n\x08sampling\x18\x07 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12\x12\n\ncache_salt\x18\x08 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"y\n\x07Timings\x12\x1a\n\x12queue_wait_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ngine_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"W\n\x08ServedBy\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x02 \x01(\r\x12\r\n\x05route\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\"\xff\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12(\n\tserved_by\x18\x08 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\"\x85\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12(\n\tserved_by\x18\x08 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\"M\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r*\xab\x01\n\x0e\x43onstraintKind\x12\x1f\n\x1b\x43ONSTRAINT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43ONSTRAINT_KIND_JSON_SCHEMA\x10\x01\x12\x1f\n\x1b\x43ONSTRAINT_KIND_JSON_OBJECT\x10\x02\x12\x19\n\x15\x43ONSTRAINT_KIND_REGEX\x10\x03\x12\x1b\n\x17\x43ONSTRAINT_KIND_GRAMMAR\x10\x04*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xf5\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.loraplex.v1.TokenizeRequest\x1a\x1d.loraplex.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.proto.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSTRAINTKIND']._serialized_start=1611
-  _globals['_CONSTRAINTKIND']._serialized_end=1782
-  _globals['_FINISHREASON']._serialized_start=1784
-  _globals['_FINISHREASON']._serialized_end=1879
+  _globals['_CONSTRAINTKIND']._serialized_start=1631
+  _globals['_CONSTRAINTKIND']._serialized_end=1802
+  _globals['_FINISHREASON']._serialized_start=1804
+  _globals['_FINISHREASON']._serialized_end=1899
   _globals['_CHATMESSAGE']._serialized_start=45
   _globals['_CHATMESSAGE']._serialized_end=89
   _globals['_SAMPLINGPARAMETERS']._serialized_start=92
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONSTRAINT']._serialized_start=409
   _globals['_CONSTRAINT']._serialized_end=478
   _globals['_GENERATEREQUEST']._serialized_start=481
-  _globals['_GENERATEREQUEST']._serialized_end=682
-  _globals['_USAGE']._serialized_start=684
-  _globals['_USAGE']._serialized_end=741
-  _globals['_TIMINGS']._serialized_start=743
-  _globals['_TIMINGS']._serialized_end=864
-  _globals['_SERVEDBY']._serialized_start=866
-  _globals['_SERVEDBY']._serialized_end=953
-  _globals['_GENERATERESPONSE']._serialized_start=956
-  _globals['_GENERATERESPONSE']._serialized_end=1211
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1214
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1475
-  _globals['_TOKENIZEREQUEST']._serialized_start=1477
-  _globals['_TOKENIZEREQUEST']._serialized_end=1554
-  _globals['_TOKENIZERESPONSE']._serialized_start=1556
-  _globals['_TOKENIZERESPONSE']._serialized_end=1608
-  _globals['_GENERATION']._serialized_start=1882
-  _globals['_GENERATION']._serialized_end=2127
+  _globals['_GENERATEREQUEST']._serialized_end=702
+  _globals['_USAGE']._serialized_start=704
+  _globals['_USAGE']._serialized_end=761
+  _globals['_TIMINGS']._serialized_start=763
+  _globals['_TIMINGS']._serialized_end=884
+  _globals['_SERVEDBY']._serialized_start=886
+  _globals['_SERVEDBY']._serialized_end=973
+  _globals['_GENERATERESPONSE']._serialized_start=976
+  _globals['_GENERATERESPONSE']._serialized_end=1231
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1234
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1495
+  _globals['_TOKENIZEREQUEST']._serialized_start=1497
+  _globals['_TOKENIZEREQUEST']._serialized_end=1574
+  _globals['_TOKENIZERESPONSE']._serialized_start=1576
+  _globals['_TOKENIZERESPONSE']._serialized_end=1628
+  _globals['_GENERATION']._serialized_start=1902
+  _globals['_GENERATION']._serialized_end=2147
 # @@protoc_insertion_point(module_scope)

@@ -217,6 +217,7 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    CACHE_SALT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """echoed in the response; generated when empty"""
     adapter_id: _builtins.str
@@ -227,6 +228,10 @@ class GenerateRequest(_message.Message):
     """sticky bucketing key for a route (e.g. a user id)"""
     prompt: _builtins.str
     """The input: a plain prompt or chat messages (the base model's chat template applies), exactly one of them."""
+    cache_salt: _builtins.str
+    """Prefix-cache namespace of this request (as vLLM's cache_salt): its prompt's cached KV blocks are reused only by
+    requests of the same tenant with the same salt. Empty = the tenant's shared namespace.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     @_builtins.property
@@ -241,10 +246,11 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         sampling: Global___SamplingParameters | None = ...,
+        cache_salt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "route", b"route", "sampling", b"sampling", "user_key", b"user_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "cache_salt", b"cache_salt", "messages", b"messages", "prompt", b"prompt", "request_id", b"request_id", "route", b"route", "sampling", b"sampling", "user_key", b"user_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,6 +52,7 @@ class Spec:
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    cache_salt: str | None = None
 
 
 def _refuse_unsupported(body: SamplingFields) -> None:
@@ -120,7 +121,9 @@ def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: bool, defa
 
 def _spec(body: SamplingFields, kind: Kind, sampling: SamplingParams, **prompt: Any) -> Spec:
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    return Spec(kind, body.model, body.user or "", sampling, body.stream, include_usage, **prompt)
+    return Spec(
+        kind, body.model, body.user or "", sampling, body.stream, include_usage, cache_salt=body.cache_salt, **prompt
+    )
 
 
 def completion_spec(body: CompletionRequest, default_max: int) -> Spec:

@@ -68,6 +68,8 @@ async def _run(state: ServingState, tenant: Tenant, spec: Spec) -> AsyncGenerato
             prompt_token_ids=spec.prompt_token_ids,
             adapter_id=target.adapter_id,
             sampling=spec.sampling,
+            tenant=tenant.name,
+            cache_salt=spec.cache_salt,
         )
         yield Head(spec.kind, _ID_PREFIX[spec.kind] + request_id, int(time.time()), request_id, target)
         async with aclosing(state.generate(request, record)) as events:

@@ -40,6 +40,7 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # the sticky key of an A/B route
+    cache_salt: str | None = None  # vLLM's: a prefix-cache namespace of the request's own (server/engine/prefix.py)
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None

@@ -197,8 +197,9 @@ def test_a_drain_keeps_requests_accepted_before_it_still_on_the_submitter_thread
 def test_kv_blocks_follow_tokens_not_max_new_tokens(engine_factory: Any, root: Path) -> None:
     """With a 4,096-token cache, requests allowed 512 new tokens each all run at once: a sequence holds blocks
     for the tokens it has, not for its ``max_new_tokens`` (a reservation would have fit 7), and the usage metric
-    counts the blocks in use."""
-    engine: Engine = engine_factory([root], engine={"kv_cache_tokens": 4096, "max_running": 40, "max_seq_len": 4096})
+    counts the blocks in use (prefix cache off: the prompts' shared chat-template blocks would count once)."""
+    settings = {"kv_cache_tokens": 4096, "max_running": 40, "max_seq_len": 4096, "prefix_cache": False}
+    engine: Engine = engine_factory([root], engine=settings)
 
     async def main() -> None:
         requests = [req(f"Item {i}.", max_new_tokens=512, ignore_eos=True) for i in range(40)]

@@ -12,10 +12,12 @@ import grpc
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.client import Client
 from loraplex.proto.v1 import generation_pb2, generation_pb2_grpc
 from tests.integration.http.conftest import CHAT, error_of, get, openai_client, post, start_server
+from tests.integration.routing.conftest import scrape
 from tests.support.server_process import ServerProcess
 
 ADMIN = "ops-token-5b0c1d2e3f4a5b6c7d8e"
@@ -137,3 +139,53 @@ def test_a_full_engine_queue_answers_429_with_retry_after_at_once(server: Server
     error = error_of(refused)
     assert (refused.status_code, error["type"], refused.headers["retry-after"]) == (429, "rate_limit_error", "1")
     assert elapsed < 2.0 and "retry" in error["message"]
+
+
+LONG_CHAT = [
+    {"role": "system", "content": "You answer questions about the sea in one short sentence, plainly, with no lists."},
+    {"role": "user", "content": "Why is the sea salty, and why are rivers not?"},
+]
+
+
+def prefix_hit_tokens(server: ServerProcess) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(scrape(server))
+        for sample in family.samples
+        if sample.name == "loraplex_prefix_cache_hit_tokens_total"
+    )
+
+
+def test_the_prefix_cache_keeps_tenants_and_cache_salts_apart(server: ServerProcess) -> None:
+    """The API layer names each request's cache namespace: its tenant (from the token) and its cache_salt (the
+    HTTP body field, the gRPC GenerateRequest field); the engine reuses blocks only within one namespace."""
+
+    def hit_tokens(token: str, salt: str | None = None, over_grpc: bool = False) -> float:
+        before = prefix_hit_tokens(server)
+        if over_grpc:
+            with grpc.insecure_channel(server.target) as channel:
+                generation_pb2_grpc.GenerationStub(channel).Generate(
+                    generation_pb2.GenerateRequest(
+                        messages=[generation_pb2.ChatMessage(**turn) for turn in LONG_CHAT],
+                        cache_salt=salt or "",
+                        sampling=generation_pb2.SamplingParameters(max_new_tokens=2),
+                    ),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+        else:
+            body = {"model": "base", "messages": LONG_CHAT, "max_tokens": 2, "temperature": 0}
+            response = post(server, "/v1/chat/completions", token, json=body | ({"cache_salt": salt} if salt else {}))
+            assert response.status_code == 200, response.text
+        return prefix_hit_tokens(server) - before
+
+    with Client(server.target, token=ADMIN) as client:  # the queue test's cancelled requests leave first
+        deadline = time.monotonic() + 30
+        while (status := client.status()).running_requests + status.waiting_requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert hit_tokens(TEAM_A) == 0
+    assert hit_tokens(TEAM_A) >= 16  # the same tenant's prompt again: its full blocks are reused
+    assert hit_tokens(ADMIN) == 0  # another tenant, the same prompt: nothing shared
+    assert hit_tokens(TEAM_A, salt="s1") == 0  # a salt is a namespace of its own
+    assert hit_tokens(TEAM_A, salt="s1", over_grpc=True) >= 16  # the gRPC field names the same namespace
+    assert hit_tokens(TEAM_A, salt="s2", over_grpc=True) == 0

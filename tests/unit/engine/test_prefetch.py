@@ -41,7 +41,9 @@ class DeviceEvents(EngineListener):
 
 
 def _sequence(adapter_id: str) -> Sequence:
-    request: Any = SimpleNamespace(request_id=adapter_id, adapter_id=adapter_id, deadline=None)
+    request: Any = SimpleNamespace(
+        request_id=adapter_id, adapter_id=adapter_id, deadline=None, tenant=None, cache_salt=None
+    )
     none: Any = None
     return Sequence(request, [1, 2, 3], none, none, none, none, frozenset(), None, 0.0)
 

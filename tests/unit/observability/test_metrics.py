@@ -35,8 +35,13 @@ ARCHITECTURE = {
     "loraplex_feedback": ("counter", {"route", "variant", "outcome"}),
     "loraplex_drift_score": ("gauge", {"adapter", "feature", "method"}),
     "loraplex_build_info": ("gauge", {"version", "base_model", "quantization"}),
-    # Beyond the architecture's list: what the queue-saturation and sample-ratio alerts need.
+    "loraplex_prefix_cache_hit_tokens": ("counter", set()),
+    "loraplex_prefix_cache_lookups": ("counter", {"result"}),
+    "loraplex_prefix_cache_blocks": ("gauge", set()),
+    "loraplex_prefix_cache_evictions": ("counter", set()),
+    # Beyond the architecture's list: what the queue-saturation and sample-ratio alerts need, the hit ratio's base.
     "loraplex_queue_capacity": ("gauge", set()),
+    "loraplex_prefix_cache_prompt_tokens": ("counter", set()),
     "loraplex_route_variant_weight": ("gauge", {"route", "variant"}),
     "loraplex_route_srm_p_value": ("gauge", {"route"}),
 }
@@ -60,7 +65,9 @@ def busy_telemetry(settings: ObservabilitySettings | None = None) -> Telemetry:
         settings or ObservabilitySettings(drift_window=10, drift_min_samples=1, drift_reference_size=10)
     )
     telemetry.attach_engine(
-        lambda: EngineStats(running=3, waiting=2, kv_cache_usage=0.4, adapters_on_device=5, adapters_on_host=7),
+        lambda: EngineStats(
+            running=3, waiting=2, kv_cache_usage=0.4, adapters_on_device=5, adapters_on_host=7, prefix_cache_blocks=9
+        ),
         queue_capacity=64,
         manifest_of=lambda adapter_id: None,
         build={"version": "0.1.0", "base_model": "embedded", "quantization": "none"},
@@ -74,6 +81,9 @@ def busy_telemetry(settings: ObservabilitySettings | None = None) -> Telemetry:
     listener.adapter_evicted("device")
     listener.preempted(tokens=30)
     listener.preempted(tokens=12)
+    listener.prefix_lookup(prompt_tokens=40, cached_tokens=32)
+    listener.prefix_lookup(prompt_tokens=20, cached_tokens=0)
+    listener.prefix_evicted(blocks=3)
     labels = RequestLabels("sup", "bot", "a")
     for _ in range(20):
         telemetry.request_succeeded(labels, RequestTiming(100.0, 100.5, 102.5), finished("sup"))
@@ -126,6 +136,12 @@ def test_values_land_where_they_should() -> None:
     assert sample(telemetry, "loraplex_adapter_evictions_total", {"tier": "device"}) == 1
     assert sample(telemetry, "loraplex_preemptions_total") == 2
     assert sample(telemetry, "loraplex_preempted_tokens_total") == 42
+    assert sample(telemetry, "loraplex_prefix_cache_lookups_total", {"result": "hit"}) == 1
+    assert sample(telemetry, "loraplex_prefix_cache_lookups_total", {"result": "miss"}) == 1
+    assert sample(telemetry, "loraplex_prefix_cache_hit_tokens_total") == 32
+    assert sample(telemetry, "loraplex_prefix_cache_prompt_tokens_total") == 60
+    assert sample(telemetry, "loraplex_prefix_cache_evictions_total") == 3
+    assert sample(telemetry, "loraplex_prefix_cache_blocks") == 9
     assert sample(telemetry, "loraplex_running_requests") == 3 and sample(telemetry, "loraplex_waiting_requests") == 2
     assert sample(telemetry, "loraplex_queue_capacity") == 64
     assert sample(telemetry, "loraplex_kv_cache_usage_ratio") == 0.4
