@@ -46,7 +46,7 @@ from loraplex.client import AsyncClient  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
 from loraplex.server.core.shape import ModelShape  # noqa: E402
 from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
-from tests.support.deploy.haproxy import Balance, HaproxyProcess  # noqa: E402
+from tests.support.deploy.haproxy import SHIPPED_FACTOR, Balance, HaproxyProcess  # noqa: E402
 from tests.support.deploy.replicas import running_replicas  # noqa: E402
 from tests.support.server_process import ServerProcess  # noqa: E402
 
@@ -77,6 +77,7 @@ class Workload:
     fetch_latency_ms: float = 50.0  # a host-cache miss: the remote store's latency ...
     fetch_mb_per_s: float = 100.0  # ... plus the weights over its bandwidth (MB/s)
     rounds: int = 6  # ABBAAB per popularity: three pairs
+    balance_factor: int = SHIPPED_FACTOR  # HAProxy's hash-balance-factor (the template ships 125)
     seed: int = 7
 
 
@@ -102,12 +103,18 @@ def adapter_id(round_index: int, index: int) -> str:
     return f"r{round_index}-tenant-{index:02d}"
 
 
+def warm_up_round(load: Workload) -> int:
+    """The adapter-id round of the unmeasured warm-up, after every measured round's."""
+    return load.rounds * len(load.popularities.split(","))
+
+
 def write_adapters(root: Path, load: Workload) -> int:
-    """Round 0's adapters, then hard links of their files under every later round's ids; returns bytes each."""
+    """Round 0's adapters, then hard links of their files under every later round's ids and the warm-up's (the
+    last); returns bytes each."""
     shape = ModelShape.from_config(AutoConfig.from_pretrained(resolve_model_dir("embedded", default_cache_dir())))
     for index in range(load.adapters):
         write_adapter(root / adapter_id(0, index), shape, load.rank, ALL_LINEAR, seed=1000 + index)
-        for round_index in range(1, load.rounds * len(load.popularities.split(","))):
+        for round_index in range(1, warm_up_round(load) + 1):
             linked = root / adapter_id(round_index, index)
             linked.mkdir()
             for file in (root / adapter_id(0, index)).iterdir():
@@ -121,7 +128,8 @@ def metrics_url(replica: ServerProcess) -> str:
 
 
 def scrape(url: str) -> tuple[CacheCounts, float]:
-    """The replica's adapter cache lookups by (tier, result) and the requests it has finished."""
+    """The replica's adapter cache lookups by (tier, result), its adapter loads by ("<tier> loads", outcome), and
+    the requests it has finished."""
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     cache: CacheCounts = defaultdict(float)
@@ -130,6 +138,8 @@ def scrape(url: str) -> tuple[CacheCounts, float]:
         for sample in family.samples:
             if sample.name == "loraplex_adapter_cache_requests_total":
                 cache[(sample.labels["tier"], sample.labels["result"])] += sample.value
+            elif sample.name == "loraplex_adapter_loads_total":
+                cache[(f"{sample.labels['tier']} loads", sample.labels["outcome"])] += sample.value
             elif sample.name == "loraplex_requests_total":
                 served += sample.value
     return dict(cache), served
@@ -177,7 +187,7 @@ def run_round(
     run_dir: Path,
 ) -> Round:
     before = [scrape(url) for url in urls]
-    with HaproxyProcess.start(run_dir / f"haproxy-{round_index}", replicas, policy) as proxy:
+    with HaproxyProcess.start(run_dir / f"haproxy-{round_index}", replicas, policy, load.balance_factor) as proxy:
         result = asyncio.run(replay(proxy.target, round_index, requests, load))
     after = [scrape(url) for url in urls]
     result.policy = str(policy)
@@ -207,6 +217,9 @@ def summary(rounds: list[Round], load: Workload) -> dict[str, float | str]:
         "requests": done,
         "errors": sum(result.errors for result in rounds),
         "device_hit_rate": hit_rate(cache, "device"),
+        # Prefetch places a waiting request's adapter before admission, and the lookup then counts as a hit: the
+        # slot writes (prefetched or not) per request say how often a request's adapter had to be copied in.
+        "unwritten_rate": 1 - cache.get(("device loads", "ok"), 0.0) / done,
         "host_hit_rate": hit_rate(cache, "host"),
         "requests_per_s": done / seconds,
         "tokens_per_s": done * load.max_new_tokens / seconds,
@@ -218,14 +231,15 @@ def summary(rounds: list[Round], load: Workload) -> dict[str, float | str]:
 
 def table(rows: list[dict[str, float | str]]) -> str:
     head = (
-        "| policy | requests | errors | device-slot hit rate | host-cache hit rate | requests/s | tokens/s "
-        "| TTFT p50 (s) | TTFT p99 (s) | busiest replica / mean |"
+        "| policy | requests | errors | device-slot hit rate | requests without a slot write | host-cache hit rate "
+        "| requests/s | tokens/s | TTFT p50 (s) | TTFT p99 (s) | busiest replica / mean |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for row in rows:
         lines.append(
             f"| {row['policy']} | {row['requests']} | {row['errors']} | {row['device_hit_rate']:.1%} "
-            f"| {row['host_hit_rate']:.1%} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} "
+            f"| {row['unwritten_rate']:.1%} | {row['host_hit_rate']:.1%} | {row['requests_per_s']:.2f} "
+            f"| {row['tokens_per_s']:.1f} "
             f"| {row['ttft_p50_s']:.2f} | {row['ttft_p99_s']:.2f} | {row['busiest_replica_vs_mean']:.2f} |"
         )
     return "\n".join(lines)
@@ -233,6 +247,7 @@ def table(rows: list[dict[str, float | str]]) -> str:
 
 RATIOS = (  # (label, summary key, higher is better)
     ("device-slot hit rate", "device_hit_rate", True),
+    ("requests without a slot write", "unwritten_rate", True),
     ("host-cache hit rate", "host_hit_rate", True),
     ("requests/s", "requests_per_s", True),
     ("TTFT p50", "ttft_p50_s", False),
@@ -309,6 +324,9 @@ def main() -> None:
         results: dict[str, dict[str, list[Round]]] = {}
         with running_replicas(load.replicas, Path(scratch), [root], *flags, cpus=cpus) as replicas:
             urls = [metrics_url(replica) for replica in replicas]
+            # Unmeasured: the replicas' first requests (lazy initialisation) would otherwise land on round 0 alone.
+            warm = trace(load, "uniform")[: 4 * load.concurrency]
+            run_round(replicas, urls, Balance.ROUND_ROBIN, warm_up_round(load), warm, load, Path(scratch))
             round_index = 0
             for popularity in popularities:
                 requests = trace(load, popularity)

@@ -20,7 +20,8 @@ from tests.support.server_process import ServerProcess
 
 TEMPLATE = DEPLOY / "haproxy" / "loraplex-affinity.cfg.template"
 BALANCE_LINES = ("balance hdr(x-loraplex-affinity)", "balance hash var(txn.affinity)")
-HASH_LINES = ("hash-type consistent", "hash-balance-factor 125")
+SHIPPED_FACTOR = 125
+HASH_LINES = ("hash-type consistent", f"hash-balance-factor {SHIPPED_FACTOR}")
 START_TIMEOUT_S = 20.0
 Upstream = tuple[str, str]  # a replica's gRPC and HTTP host:port
 
@@ -41,9 +42,17 @@ def upstreams(replicas: Sequence[ServerProcess]) -> list[Upstream]:
     return [(replica.target, f"127.0.0.1:{replica.http_port}") for replica in replicas]
 
 
-def render(grpc_listen: str, http_listen: str, replicas: Sequence[Upstream], balance: Balance, run_dir: Path) -> str:
+def render(
+    grpc_listen: str,
+    http_listen: str,
+    replicas: Sequence[Upstream],
+    balance: Balance,
+    run_dir: Path,
+    balance_factor: int = SHIPPED_FACTOR,
+) -> str:
     """The template with its placeholders filled: replica ``i`` is server ``r<i>``, id ``i + 1``, in both backends;
-    the gRPC backend's health check asks the replica's HTTP port."""
+    the gRPC backend's health check asks the replica's HTTP port. ``balance_factor`` replaces the shipped
+    ``hash-balance-factor`` (the benchmark tries others)."""
     text = TEMPLATE.read_text()
     for line in (*BALANCE_LINES, *HASH_LINES):
         assert line in text, f"{TEMPLATE} no longer has '{line}'"
@@ -59,7 +68,7 @@ def render(grpc_listen: str, http_listen: str, replicas: Sequence[Upstream], bal
         elif line.strip() == "@HTTP_SERVERS@":
             lines += http_lines
         elif balance is Balance.AFFINITY:
-            lines.append(line)
+            lines.append(line.replace(HASH_LINES[1], f"hash-balance-factor {balance_factor}"))
         elif (kept := _round_robin(line)) is not None:
             lines.append(kept)
     text = "\n".join(lines).replace("@GRPC_LISTEN@", grpc_listen).replace("@HTTP_LISTEN@", http_listen)
@@ -92,14 +101,19 @@ class HaproxyProcess:
 
     @classmethod
     def start(
-        cls, run_dir: Path, replicas: Sequence[ServerProcess], balance: Balance = Balance.AFFINITY
+        cls,
+        run_dir: Path,
+        replicas: Sequence[ServerProcess],
+        balance: Balance = Balance.AFFINITY,
+        balance_factor: int = SHIPPED_FACTOR,
     ) -> HaproxyProcess:
         """Checks the rendered config with ``haproxy -c``, starts HAProxy in the foreground, waits for its ports."""
         haproxy = require_tool("haproxy", "haproxy")
         run_dir.mkdir(parents=True, exist_ok=True)
         port, http_port = free_port(), free_port()
         config = run_dir / "haproxy.cfg"
-        config.write_text(render(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", upstreams(replicas), balance, run_dir))
+        listen = f"127.0.0.1:{port}", f"127.0.0.1:{http_port}"
+        config.write_text(render(*listen, upstreams(replicas), balance, run_dir, balance_factor))
         checked = check(config)
         assert checked.returncode == 0, f"haproxy -c rejects the rendered template:\n{checked.stdout}{checked.stderr}"
         with (run_dir / "haproxy.out").open("wb") as out:
