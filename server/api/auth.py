@@ -7,6 +7,7 @@ The tokens file (``auth.tokens_file``) is YAML mapping each token to its tenant:
       adapters: ["team-a/*", "base"]  # glob patterns of adapter ids; "base" is the base model
       routes: ["checkout-*"]          # glob patterns of A/B route names
       admin: false                    # may load and unload adapters, set and delete routes
+      weight: 1                       # its fair share of the engine relative to other tenants (default 1)
 
 Tokens are kept only as SHA-256 digests and compared in constant time against every entry; they never appear in
 logs or error messages (a bad entry is named by its position and tenant).
@@ -37,6 +38,7 @@ class Tenant:
     adapters: tuple[str, ...]  # glob patterns over adapter ids (BASE_MODEL for the base model)
     routes: tuple[str, ...]  # glob patterns over route names
     admin: bool
+    weight: float = 1.0  # fair-share weight (server/engine/fairness.py): twice the weight, twice the tokens
 
     def may_use_adapter(self, adapter_id: str | None) -> bool:
         name = adapter_id or BASE_MODEL
@@ -72,6 +74,7 @@ class _TenantSpec(BaseModel):
     adapters: tuple[str, ...] = ()
     routes: tuple[str, ...] = ()
     admin: bool = False
+    weight: float = Field(1.0, gt=0, le=1000)
 
 
 def _digest(token: str) -> bytes:
@@ -105,7 +108,7 @@ class TokenTable:
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
                 raise AuthConfigError(f"tokens file {path}, {named}: {problems}") from None
-            entries.append((token, Tenant(parsed.tenant, parsed.adapters, parsed.routes, parsed.admin)))
+            entries.append((token, Tenant(parsed.tenant, parsed.adapters, parsed.routes, parsed.admin, parsed.weight)))
         return cls(entries)
 
     def __len__(self) -> int:

@@ -85,6 +85,7 @@ def generation_request(
     deadline: float | None,
     default_max_new_tokens: int,
     tenant: str,
+    tenant_weight: float,
 ) -> GenerationRequest:
     prompt, messages = prompt_of(message.prompt, list(message.messages))
     return GenerationRequest(
@@ -95,6 +96,7 @@ def generation_request(
         sampling=sampling_params(message.sampling, default_max_new_tokens),
         deadline=deadline,
         tenant=tenant,
+        tenant_weight=tenant_weight,
         cache_salt=message.cache_salt or None,
     )
 

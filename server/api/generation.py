@@ -46,6 +46,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             deadline=deadline_of(context),
             default_max_new_tokens=self._state.settings.server.default_max_new_tokens,
             tenant=tenant.name,
+            tenant_weight=tenant.weight,
         )
         return engine_request, target
 

@@ -145,6 +145,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         unknown = [output.name for output in request.outputs if output.name != oip_tensors.TEXT_OUTPUT]
         if unknown:
             raise InvalidRequest(f"unknown requested outputs {unknown}; the only output is '{oip_tensors.TEXT_OUTPUT}'")
+        tenant = current_tenant()
         llm = oip_tensors.llm_request(
             oip_tensors.decode_inputs(request),
             {name: value for name, value in request.parameters.items() if name != USER_KEY},
@@ -157,7 +158,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             adapter_id=target.adapter_id,
             sampling=llm.sampling,
             deadline=deadline_of(context),
-            tenant=current_tenant().name,
+            tenant=tenant.name,
+            tenant_weight=tenant.weight,
         )
         return _Prepared(engine_request, target, request.model_name, request.id, shape, llm.stream)
 

@@ -64,6 +64,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None
     tenant: str | None = None
+    tenant_weight: float = 1.0  # the tenant's share weight (tokens file ``weight``; server/engine/fairness.py)
     cache_salt: str | None = None
 
 

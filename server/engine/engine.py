@@ -607,7 +607,7 @@ class Engine:
         tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
         for chunk in built.chunks:
             chunk.seq.num_computed += chunk.num_tokens
-            self.scheduler.computed(chunk.seq)
+            self.scheduler.computed(chunk.seq, chunk.num_tokens)
         for chunk, token, logprob in zip(built.sampled, tokens, logprobs, strict=True):
             if math.isfinite(logprob):
                 self._emit(chunk.seq, token, logprob)

@@ -33,10 +33,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from itertools import islice
 
 from loraplex.server.config import EngineSettings
 from loraplex.server.core.errors import AdapterNotFound, EngineError
+from loraplex.server.engine.fairness import TenantShare
 from loraplex.server.engine.prefix import block_keys, root_key
 from loraplex.server.engine.sequence import Sequence, Status
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion, Retired
@@ -64,9 +64,18 @@ class Scheduler:
         self.preempted_tokens: list[int] = []  # computed tokens each preemption of the last schedule() gave back
         self.prefix_lookups: list[tuple[int, int]] = []  # (prompt tokens, cached tokens) per admission of the last
         self.prefix_evictions = 0  # idle cached blocks the last schedule() evicted
+        self.share = TenantShare()
 
     def add(self, seq: Sequence) -> None:
+        self.share.arrived(_tenant(seq))
         self.waiting.append(seq)
+
+    def _queue_order(self) -> list[Sequence]:
+        """Waiting sequences in admission order: preempted ones first, then by their tenant's counter (the lowest
+        first), in arrival order within a tenant."""
+        if self.share.tenants <= 1:
+            return list(self.waiting)
+        return sorted(self.waiting, key=lambda seq: (not seq.preemptions, self.share.level(_tenant(seq))))
 
     @staticmethod
     def resolve_adapter(seq: Sequence) -> AdapterVersion | None:
@@ -78,9 +87,9 @@ class Scheduler:
             raise AdapterNotFound(f"adapter '{seq.adapter.adapter_id}' was unloaded while the request waited")
         return seq.adapter
 
-    def _start_lookups(self, failed: list[tuple[Sequence, EngineError]]) -> None:
+    def _start_lookups(self, order: list[Sequence], failed: list[tuple[Sequence, EngineError]]) -> None:
         """Starts the adapter lookups of the next ``max_running`` waiting sequences that have none yet."""
-        for seq in list(islice(self.waiting, self.settings.max_running)):
+        for seq in order[: self.settings.max_running]:
             if seq.request.adapter_id and seq.adapter is None and seq.adapter_future is None:
                 try:
                     seq.adapter_future = self.adapters.lookup(seq.request.adapter_id)
@@ -139,11 +148,19 @@ class Scheduler:
         """Preempts the newest running sequences until ``seq`` has blocks for ``tokens``; False when ``seq`` was
         the newest and was preempted itself."""
         while not self._grow(seq, tokens):
-            victim = self.running[-1]
+            victim = self._victim(seq)
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
+
+    def _victim(self, seq: Sequence) -> Sequence:
+        """Whom to preempt so that ``seq`` gets blocks: among ``seq`` and the running sequences after it (none of
+        them scheduled yet this step), the newest of the tenant with the highest counter."""
+        if self.share.tenants <= 1:
+            return self.running[-1]
+        candidates = self.running[self.running.index(seq) :]
+        return max(reversed(candidates), key=lambda other: self.share.level(_tenant(other)))
 
     def _decode(self, chunks: list[ScheduledChunk]) -> None:
         for seq in list(self.running):  # oldest first; preemption only ever takes newer ones (or seq itself)
@@ -211,8 +228,10 @@ class Scheduler:
             self.prefix_lookups.append((len(seq.prompt_ids), reused))
         return take
 
-    def computed(self, seq: Sequence) -> None:
-        """After a step: publishes the prompt blocks of ``seq`` that are now full."""
+    def computed(self, seq: Sequence, tokens: int) -> None:
+        """After a step that computed ``tokens`` of ``seq``: charges its tenant and publishes its prompt blocks
+        that are now full."""
+        self.share.charge(_tenant(seq), tokens, seq.request.tenant_weight)
         keys = seq.prefix_keys
         if keys is None:
             return
@@ -231,9 +250,10 @@ class Scheduler:
         self._decode(chunks)
         budget = self._prefill(chunks, self.settings.max_batch_tokens - len(chunks))
         failed: list[tuple[Sequence, EngineError]] = []
-        self._start_lookups(failed)
+        order = self._queue_order()
+        self._start_lookups(order, failed)
         now = time.monotonic()
-        for seq in list(self.waiting):
+        for seq in order:
             if len(self.running) >= self.settings.max_running or budget <= 0 or self.preempted_tokens:
                 break  # (after a preemption, admitting would only hand the freed blocks back and forth)
             try:
@@ -262,7 +282,7 @@ class Scheduler:
         their admission (a free or own-pool idle slot only, never evicting what a sequence holds); the count
         placed now."""
         placed = 0
-        for seq in islice(self.waiting, self.settings.adapter_prefetch):
+        for seq in self._queue_order()[: self.settings.adapter_prefetch]:
             version, future = seq.adapter, seq.adapter_future
             if version is None and future is not None and future.done() and future.exception() is None:
                 version = future.result()
@@ -279,7 +299,12 @@ class Scheduler:
         if seq.blocks:
             self._release_blocks(seq)
         self._drop_adapter(seq, served)
+        self.share.left(_tenant(seq))
         seq.status = Status.FINISHED
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
+
+
+def _tenant(seq: Sequence) -> str:
+    return seq.request.tenant or ""

@@ -69,6 +69,7 @@ async def _run(state: ServingState, tenant: Tenant, spec: Spec) -> AsyncGenerato
             adapter_id=target.adapter_id,
             sampling=spec.sampling,
             tenant=tenant.name,
+            tenant_weight=tenant.weight,
             cache_salt=spec.cache_salt,
         )
         yield Head(spec.kind, _ID_PREFIX[spec.kind] + request_id, int(time.time()), request_id, target)
