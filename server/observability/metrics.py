@@ -162,6 +162,8 @@ class Metrics:
                 self.adapter_loads.labels(tier, outcome)
             for result in ("hit", "miss"):
                 self.adapter_cache_requests.labels(tier, result)
+        for result in ("hit", "miss"):
+            self.prefix_lookups.labels(result)
 
 
 @dataclass(frozen=True)
