@@ -23,7 +23,7 @@ import grpc
 import pytest
 import yaml
 from google.protobuf.descriptor import Descriptor
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from loraplex.proto.inference import grpc_service_pb2 as oip
@@ -32,7 +32,7 @@ from loraplex.server.core.shape import ModelShape
 from tests.integration.api.helpers import request
 from tests.support.adapters import write_adapter
 from tests.support.proto_strategies import message_bytes
-from tests.support.resilience import full_run, record
+from tests.support.resilience import full_run, fuzz_settings, record
 from tests.support.server_process import ServerProcess
 
 pytestmark = pytest.mark.resilience
@@ -245,14 +245,7 @@ def drawn_calls() -> st.SearchStrategy[tuple[Method, bytes]]:
 
 
 def run_hypothesis(examples: int, send: Callable[[Method, bytes], None]) -> None:
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(examples)
     @given(drawn_calls())
     def fuzz(drawn: tuple[Method, bytes]) -> None:
         method, body = drawn

@@ -28,13 +28,13 @@ from urllib.parse import quote
 import httpx
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from loraplex.server.core.shape import ModelShape
 from tests.support.adapters import write_adapter
 from tests.support.json_strategies import BodySpec, bodies, encoded, junk
-from tests.support.resilience import full_run, record
+from tests.support.resilience import full_run, fuzz_settings, record
 from tests.support.server_process import ServerProcess, stopping_cleanly
 
 pytestmark = pytest.mark.resilience
@@ -255,14 +255,7 @@ def draw_cases(examples: int, models: list[str]) -> list[Case]:
     specs = body_specs(models, junk_values)
     drawn: list[Case] = []
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(examples)
     @given(cases(specs, junk_values))
     def collect(case: Case) -> None:
         drawn.append(case)

@@ -4,7 +4,7 @@ A test calls :func:`record` with the scenario's number and name, the figure and 
 ``LORAPLEX_RESILIENCE_FIGURES`` names a file (``loadtests/run_resilience.py`` sets it), each figure is appended to it
 as one JSON line, so the full run can print a table; otherwise recording does nothing. ``full_run`` tells a test to
 use the full-size variant of its scenario (``LORAPLEX_RESILIENCE_FULL=1``) instead of the quick one of the suite;
-``rss_bytes`` reads a server's memory.
+``rss_bytes`` reads a server's memory; ``fuzz_settings`` are the fuzzers' hypothesis settings.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from hypothesis import HealthCheck, Phase, settings
 
 FIGURES_ENV = "LORAPLEX_RESILIENCE_FIGURES"
 FULL_ENV = "LORAPLEX_RESILIENCE_FULL"
@@ -38,3 +40,16 @@ def rss_bytes(pid: int, field_name: str = "VmRSS") -> int:
         if line.startswith(f"{field_name}:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no {field_name} in /proc/{pid}/status")
+
+
+def fuzz_settings(examples: int) -> settings:
+    """The fuzzers' hypothesis settings: ``examples`` draws, the same ones every run (derandomized, no example
+    database, generation only: no shrinking), no deadline and no health check (a draw may be slow or mostly junk)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
