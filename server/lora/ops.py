@@ -137,10 +137,11 @@ def lora_add_fused(
 ) -> torch.Tensor:
     """``y + delta`` for a segment with a slot window (``offsets``: each row's slot - ``window.first``), by the
     ahead-of-time compiled kernel of the stacks' dtype (:func:`fused_kernel_works` builds it). Sizes are symbolic,
-    so one package serves every module, rank, window width and row count of two or more."""
-    return _fused_kernel(a.dtype)(
-        y, x, a.narrow(0, window.first, window.width), b.narrow(0, window.first, window.width), offsets
-    )
+    so one package serves every module, rank, window width and row count of two or more. The package's code
+    assumes the contiguous layouts it was exported with (the stacks' window views are; ``contiguous`` makes sure of
+    the rows at no cost when they are too)."""
+    a_view, b_view = a.narrow(0, window.first, window.width), b.narrow(0, window.first, window.width)
+    return _fused_kernel(a.dtype)(y.contiguous(), x.contiguous(), a_view, b_view, offsets)
 
 
 @functools.cache
