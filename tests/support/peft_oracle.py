@@ -1,14 +1,26 @@
-"""PEFT as the oracle: greedy generation and logits with one adapter active (or none, for base rows)."""
+"""PEFT as the oracle: a base with adapters loaded, greedy generation and logits with one adapter active (or none,
+for base rows)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from loraplex.server.core.types import ChatMessage, GenerationRequest, SamplingParams
+
+
+def peft_with_adapters(model: Any, root: Path, names: Sequence[str]) -> Any:
+    """``model`` wrapped by PEFT with the adapters ``root / name`` loaded under their names, in eval mode."""
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, root / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(root / name, adapter_name=name)
+    return peft.eval()
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import quantization_config
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
-from tests.support.peft_oracle import peft_generate, peft_logits
+from tests.support.peft_oracle import peft_generate, peft_logits, peft_with_adapters
 
 pytestmark = [
     pytest.mark.gpu,
@@ -61,15 +61,9 @@ def random_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _peft(base_dir: Path, root: Path, **load: Any) -> Any:
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **load)
-    names = list(ADAPTERS)
-    peft = PeftModel.from_pretrained(model, root / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(root / name, adapter_name=name)
-    return peft.eval()
+    return peft_with_adapters(AutoModelForCausalLM.from_pretrained(base_dir, **load), root, list(ADAPTERS))
 
 
 def _compare(base: LoadedBase, root: Path, peft: Any) -> tuple[float, float]:

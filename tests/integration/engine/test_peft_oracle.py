@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex.server.core.events import EngineListener
@@ -22,7 +21,7 @@ from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import Outcome, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter_set
 from tests.support.mixed_forward import mixed_prefill_logits
-from tests.support.peft_oracle import oracle_requests, peft_generate, peft_logits
+from tests.support.peft_oracle import oracle_requests, peft_generate, peft_logits, peft_with_adapters
 
 # name -> write_adapter keyword arguments: ranks 4..64, q,v and all-linear, rsLoRA, patterns, layer subsets, DoRA
 ADAPTERS: dict[str, dict[str, Any]] = {
@@ -70,12 +69,7 @@ def adapter_root(tmp_path_factory: pytest.TempPathFactory, base: LoadedBase) -> 
 @pytest.fixture(scope="module")
 def peft_model(base: LoadedBase, base_dir: str, adapter_root: Path) -> Any:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    names = list(ADAPTERS)
-    peft = PeftModel.from_pretrained(model, adapter_root / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(adapter_root / name, adapter_name=name)
-    peft.eval()
-    return peft
+    return peft_with_adapters(model, adapter_root, list(ADAPTERS))
 
 
 def test_adapters_change_the_output(base: LoadedBase, peft_model: Any) -> None:

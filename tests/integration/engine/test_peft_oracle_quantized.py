@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel
 
 from loraplex.server.config import ModelSettings
 from loraplex.server.core.types import ChatMessage
@@ -16,7 +15,7 @@ from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import load_quantized
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
-from tests.support.peft_oracle import oracle_requests, peft_generate
+from tests.support.peft_oracle import oracle_requests, peft_generate, peft_with_adapters
 
 ADAPTERS: dict[str, dict[str, Any]] = {
     "qv-r8": {"rank": 8, "targets": QV, "strength": 2.0},
@@ -48,10 +47,7 @@ def test_quantized_engine_matches_peft_on_the_same_base(
     # AVX512-BF16 CPU, bitsandbytes would otherwise switch them to its bfloat16 kernel; see quantize.py).
     model = load_quantized(base_dir, quantization, torch.float32, torch.device("cpu"))
     names = list(adapters)
-    peft = PeftModel.from_pretrained(model, tmp_path / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(tmp_path / name, adapter_name=name)
-    peft.eval()
+    peft = peft_with_adapters(model, tmp_path, names)
     with torch.no_grad(), peft.disable_adapter():
         # bitsandbytes sets up an int8 layer's state on its first plain forward; on CPU a first call through a
         # PEFT LoRA wrapper fails inside bitsandbytes (int8_mm_dequant gets col_stats=None).

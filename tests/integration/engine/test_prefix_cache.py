@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex.server.core.events import EngineListener
@@ -24,7 +23,7 @@ from loraplex.server.engine.engine import Engine
 from loraplex.server.model.loader import LoadedBase
 from tests.integration.engine.conftest import Outcome, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
-from tests.support.peft_oracle import peft_generate
+from tests.support.peft_oracle import peft_generate, peft_with_adapters
 
 SYSTEM = (
     "You are a patient assistant for a small bakery in a quiet town by the sea. Answer every question in one short "
@@ -79,12 +78,7 @@ def root(tmp_path: Path, sources: Path) -> Path:
 @pytest.fixture(scope="module")
 def peft_model(base_dir: str, sources: Path) -> Any:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    names = list(ADAPTERS)
-    peft = PeftModel.from_pretrained(model, sources / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(sources / name, adapter_name=name)
-    peft.eval()
-    return peft
+    return peft_with_adapters(model, sources, list(ADAPTERS))
 
 
 def chat(
