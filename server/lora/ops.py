@@ -80,6 +80,19 @@ def lora_delta_gather(
     return torch.bmm(shrunk, b.index_select(0, slots)).squeeze(1)
 
 
+def lora_add_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slots: torch.Tensor) -> None:
+    """In place: ``y[t] += (x[t] @ a[row_slots[t]]) @ b[row_slots[t]]`` for every row ``t`` with
+    ``row_slots[t] >= 0``; ``row_slots`` int32/int64 ``[T]``, ``-1`` for a row without this pool's adapter. No host
+    synchronisation and no data-dependent shapes, so it can be captured in a CUDA graph (a static-shape decode
+    step). The torch form: slots clamped to 0, each row's weights gathered, two ``bmm``, the delta multiplied by
+    the row mask (rows of ``-1`` add zeros), computed in the stacks' dtype and added into ``y``."""
+    valid = row_slots >= 0
+    slots = row_slots.clamp(min=0).long()
+    shrunk = torch.bmm(x.to(a.dtype).unsqueeze(1), a.index_select(0, slots))
+    delta = torch.bmm(shrunk, b.index_select(0, slots)).squeeze(1)
+    y.add_((delta * valid.unsqueeze(1).to(delta.dtype)).to(y.dtype))
+
+
 @dataclass(frozen=True)
 class SlotWindow:
     """A segment whose rows each have their own slot, all within ``first .. first + width - 1``: the window
