@@ -25,3 +25,11 @@ def test_the_table_gives_each_server_and_the_ratios() -> None:
     assert "| shared | on | 10 | 20.0 |" in text and "| shared | off | 10 | 10.0 |" in text
     assert "690 / 1000 (69%)" in text and "0 / 1000 (0%)" in text
     assert "shared: throughput on/off 2.000x, p50 TTFT on/off 0.250x" in text
+
+
+def test_the_table_gives_only_the_workloads_that_ran() -> None:
+    figures = Figures([Sample(0.1, 10)] * 10, 1.0)
+    result = Result({("unique", on): figures for on in (True, False)}, {"unique": (0.0, 1000.0)})
+    text = report(result)
+    assert "| unique | on |" in text and "unique: throughput on/off 1.000x" in text
+    assert "shared" not in text
