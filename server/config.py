@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 GIB = 1 << 30
 MIB = 1 << 20
 
-QuantizationName = Literal["none", "int8", "nf4"]
+QuantizationName = Literal["none", "int8", "nf4", "fp8"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -55,7 +55,11 @@ class ModelSettings(_Section):
     """The one base model the server holds."""
 
     base_model: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), an HF model dir or a .gguf")
-    quantization: QuantizationName | None = Field(None, description="none|int8|nf4; default nf4 on CUDA, none on CPU")
+    quantization: QuantizationName | None = Field(
+        None,
+        description="none|int8|nf4|fp8 (fp8: compute capability 8.9+ on CUDA, a reference path on CPU); "
+        "default nf4 on CUDA, none on CPU",
+    )
     device: str = Field("auto", description="auto|cpu|cuda|cuda:N")
     dtype: DTypeName = Field(
         "auto",
@@ -154,6 +158,13 @@ class EngineSettings(_Section):
         description="let requests of different tenants reuse each other's cached blocks (requests with a "
         "cache_salt still only meet their salt); off by default, as a shared cache leaks prompts through time "
         "to first token",
+    )
+    fair_share: bool = Field(
+        True,
+        description="weigh tenants (the tokens file's tenant and weight) in admission, preemption and refusals: "
+        "the lowest virtual token counter first, each tenant's weighted share of the running batch reclaimed "
+        "within a step, a full queue refusing the tenants over their share first (server/engine/fairness.py); "
+        "false = first come, first served",
     )
     max_seq_len: int = Field(4096, ge=16, description="prompt + new tokens of one request")
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt accepted")

@@ -3,7 +3,9 @@
 ``submit`` validates and tokenizes on the caller's thread and raises typed errors at once (bad input, unknown
 adapter, full queue, draining); accepted sequences travel through an inbox to the engine thread, which owns the
 scheduler, KV cache and device slots. ``generate`` wraps ``submit`` as an async iterator of events for asyncio
-callers (the gRPC layer); leaving the iterator early cancels the request, which frees its sequence at the next step.
+callers (the gRPC layer): it decides a full server's refusal on the event loop, a count and a comparison before any
+other work (so refusals stay fast under overload), then validates and tokenizes on the submitter thread; leaving the
+iterator early cancels the request, which frees its sequence at the next step.
 A failure inside a step fails the requests of that step, never the engine.
 """
 
@@ -48,6 +50,7 @@ from loraplex.server.core.types import (
 from loraplex.server.engine.batch import build_step
 from loraplex.server.engine.constraints import ConstraintCompiler
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from loraplex.server.engine.fairness import InFlight
 from loraplex.server.engine.sampler import SamplerState, sample
 from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.server.engine.sequence import EventSink, Sequence, Status
@@ -220,6 +223,7 @@ class Engine:
         self._lock = threading.Lock()
         self._live: dict[str, Sequence] = {}
         self._pending_submits = 0  # accepted by generate(), not yet through the submitter thread (a drain waits)
+        self._in_flight = InFlight()  # per tenant: the _live requests and the pending submits
         self._handoffs: dict[asyncio.AbstractEventLoop, LoopHandoff] = {}
         self._submitter = ThreadPoolExecutor(1, thread_name_prefix="engine-submit")  # one: keeps arrival order
         self._running_count = 0
@@ -308,7 +312,8 @@ class Engine:
             self._loop_done.wait(timeout=30)
         with self._lock:
             leftovers = list(self._live.values())
-            self._live.clear()
+        for seq in leftovers:
+            self._forget(seq)
         for seq in leftovers:
             seq.sink.fail(ShuttingDown("the server is shutting down"))
         self._submitter.shutdown(wait=False, cancel_futures=True)
@@ -361,22 +366,31 @@ class Engine:
         """Accepts a request or raises its error at once. Events then arrive at ``sink`` from the engine thread."""
         if not self._accepting:
             raise _not_accepting()
-        self._validate_and_queue(request, sink)
+        with self._lock:
+            self._refuse_if_full(request)  # before tokenizing: under overload a refusal must cost next to nothing
+        self._validate_and_queue(request, sink, reserved=False)
 
     def _submit_accepted(self, request: GenerationRequest, sink: EventSink) -> None:
-        """The submitter thread's half of :meth:`generate`: the request was accepted when it arrived (a drain that
-        began since does not refuse it), so only its own errors refuse it now."""
+        """The submitter thread's half of :meth:`generate`: the request was accepted when it arrived (its place
+        reserved; a drain that began since does not refuse it), so only its own errors refuse it now."""
         try:
-            self._validate_and_queue(request, sink)
-        finally:
-            with self._lock:
-                self._pending_submits -= 1
+            self._validate_and_queue(request, sink, reserved=True)
+        except BaseException:
+            self._release_reservation(request)
+            raise
 
-    def _validate_and_queue(self, request: GenerationRequest, sink: EventSink) -> None:
+    def _release_reservation(self, request: GenerationRequest) -> None:
+        """Gives back the place :meth:`generate` reserved for a request that never reached the queue."""
+        with self._lock:
+            self._pending_submits -= 1
+            self._in_flight.remove(_tenant_of(request))
+
+    def _validate_and_queue(self, request: GenerationRequest, sink: EventSink, reserved: bool) -> None:
+        """Validates and tokenizes ``request`` and hands it to the engine thread; ``reserved``: its place in flight
+        was taken when it arrived (by :meth:`generate`), else it is taken here (or refused when the server is full)."""
         submitted_at = time.monotonic()  # the engine's clock: validation and tokenization are engine work
         if not request.request_id:
             raise InvalidRequest("request_id must not be empty")
-        self._refuse_if_full()  # before tokenizing: under overload a refusal must cost next to nothing
         validate_sampling(request.sampling, self.settings)
         prompt_ids = self._prompt_ids(request)
         max_len = self.settings.engine.max_seq_len
@@ -405,21 +419,36 @@ class Engine:
         with self._lock:
             if request.request_id in self._live:
                 raise InvalidRequest(f"request_id '{request.request_id}' is already in flight")
-            self._refuse_if_full()
+            if reserved:
+                self._pending_submits -= 1  # its place in flight passes to _live
+            else:
+                self._refuse_if_full(request)
+                self._in_flight.add(_tenant_of(request), request.tenant_weight)
             self._live[request.request_id] = seq
         self._inbox.put(seq)
         self._wake.set()
 
-    def _refuse_if_full(self) -> None:
-        """Raises Overloaded when running and queued requests fill their bounds.
+    def _refuse_if_full(self, request: GenerationRequest) -> None:
+        """Raises Overloaded when the requests in flight fill ``engine.max_running + engine.max_queue`` (with fair
+        share, when the request's tenant holds its share of them: :class:`~.fairness.InFlight`); call it holding
+        the lock.
 
         It bounds the requests in flight, not the ones not yet stepped: a request that finds a free running slot
         waits for no one, even before the next step moves it from the inbox into the batch.
         """
         eng = self.settings.engine
-        if len(self._live) >= eng.max_running + eng.max_queue:
-            waiting = len(self._live) - self._running_count
-            raise Overloaded(f"{waiting} requests are queued (engine.max_queue={eng.max_queue}); retry later")
+        why = self._in_flight.refusal(
+            _tenant_of(request), request.tenant_weight, eng.max_running, eng.max_queue, eng.fair_share
+        )
+        if why is not None:
+            raise Overloaded(why)
+
+    def _forget(self, seq: Sequence) -> None:
+        """Takes a finished or failed sequence out of the requests in flight."""
+        with self._lock:
+            if self._live.get(seq.request_id) is seq:
+                del self._live[seq.request_id]
+                self._in_flight.remove(_tenant_of(seq.request))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Submits ``request`` and yields its events; closing the iterator early cancels the request."""
@@ -428,17 +457,24 @@ class Engine:
         with self._lock:  # accepted now, on arrival: a drain from here on waits for it instead of refusing it
             if not self._accepting:
                 raise _not_accepting()
+            self._refuse_if_full(request)  # on the loop, before any work: a refusal under overload costs a count
             self._pending_submits += 1
+            self._in_flight.add(_tenant_of(request), request.tenant_weight)
         try:  # validation and tokenization (their cost grows with the prompt) off the event loop, in arrival order
-            await loop.run_in_executor(self._submitter, self._submit_accepted, request, sink)
-        except asyncio.CancelledError:
-            sink.closed = True  # if it is accepted after all, the engine cancels it at its first event
-            self.cancel(request.request_id)
-            raise
+            submitted = self._submitter.submit(self._submit_accepted, request, sink)
         except RuntimeError as exc:  # the submitter is shut down: the engine has stopped
+            self._release_reservation(request)
             if not self._stopped:
                 raise
             raise _not_accepting() from exc
+        try:
+            await asyncio.wrap_future(submitted)
+        except asyncio.CancelledError:
+            sink.closed = True  # if it is accepted after all, the engine cancels it at its first event
+            if submitted.cancelled():  # it never ran, so its reservation was never used or given back
+                self._release_reservation(request)
+            self.cancel(request.request_id)
+            raise
         finished = False
         try:
             while True:
@@ -666,8 +702,7 @@ class Engine:
         count = len(seq.prompt_ids)
         embedding = self.forward.prompt_embedding(seq.blocks[: self.kv.blocks_for(count)], count)
         self.scheduler.remove(seq, served=True)
-        with self._lock:
-            self._live.pop(seq.request_id, None)
+        self._forget(seq)
         self._push(
             seq,
             Finished(
@@ -685,8 +720,7 @@ class Engine:
     def _fail(self, seq: Sequence, error: EngineError) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.remove(seq, served=False)
-        with self._lock:
-            self._live.pop(seq.request_id, None)
+        self._forget(seq)
         try:
             seq.sink.fail(error)
         except Exception:  # a broken sink must not break the engine
@@ -699,6 +733,10 @@ class Engine:
         except Exception:  # a broken sink must not break the engine; the request is cancelled instead
             log.exception("event sink of %s failed", seq.request_id)
             return False
+
+
+def _tenant_of(request: GenerationRequest) -> str:
+    return request.tenant or ""
 
 
 def describe(engine: Engine) -> dict[str, Any]:

@@ -10,16 +10,18 @@ Every step, in this order:
    take a chunk within the token budget (``engine.max_batch_tokens``), as large as the free blocks allow. This
    pass never preempts, except when nothing else could run this step (then the newest sequences make room, so the
    oldest always progresses: a lone sequence always fits, see ``EngineSettings``).
-3. **Admission**: waiting sequences, in arrival order (preempted ones first), join while the running limit, the
-   token budget and the KV blocks allow: a newcomer needs blocks for its first chunk and leaves a small reserve
-   (``1%`` of the blocks) for the running sequences' next tokens, so admitting does not force a preemption on the
-   next step. With ``engine.prefix_cache`` on, a newcomer first takes the cached blocks of its longest cached
-   prompt prefix (:mod:`.prefix` keys them; at least its last prompt token is left to compute, for its logits) and
-   its first chunk starts past them; after each step, sequences publish the prompt blocks they filled. It needs
-   its adapter in memory and on the device too (a sequence whose adapter is still loading is skipped, not waited
-   for). Adapters are looked up (read from disk if need be) only for the next ``max_running``
-   waiting sequences, not when a request arrives: a deep queue of requests for distinct adapters would otherwise
-   read them all at once and evict each other's from the host cache before they run.
+3. **Admission**: waiting sequences, in arrival order (preempted ones first; with several tenants, the tenant with
+   the lowest virtual token counter first, see :mod:`.fairness`), join while the running limit, the token budget and
+   the KV blocks allow (with several tenants, one under its slot share of a full batch reclaims a slot from the
+   tenant most over its share, preempting that tenant's newest sequence): a newcomer needs blocks for its first chunk
+   and leaves a small reserve (``1%`` of the blocks) for the running sequences' next tokens, so admitting does not
+   force a preemption on the next step. With ``engine.prefix_cache`` on, a newcomer first takes the cached blocks of
+   its longest cached prompt prefix (:mod:`.prefix` keys them; at least its last prompt token is left to compute, for
+   its logits) and its first chunk starts past them; after each step, sequences publish the prompt blocks they
+   filled. It needs its adapter in memory and on the device too (a sequence whose adapter is still loading is
+   skipped, not waited for). Adapters are looked up (read from disk if need be) only for the next ``max_running``
+   waiting sequences, not when a request arrives: a deep queue of requests for distinct adapters would otherwise read
+   them all at once and evict each other's from the host cache before they run.
 4. **Prefetch** (:meth:`Scheduler.prefetch`, after the step's tokens went out): the adapters of the next
    ``engine.adapter_prefetch`` waiting sequences that are in host memory are placed on the device where that is one
    slot write, so the step that admits them does not pay their host → device copy.
@@ -31,7 +33,7 @@ one. A preempted sequence keeps its adapter reference (and so its device slot): 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from loraplex.server.config import EngineSettings
@@ -67,15 +69,20 @@ class Scheduler:
         self.share = TenantShare()
 
     def add(self, seq: Sequence) -> None:
-        self.share.arrived(_tenant(seq))
+        self.share.arrived(_tenant(seq), seq.request.tenant_weight)
         self.waiting.append(seq)
 
+    @property
+    def _fair(self) -> bool:
+        """Whether tenants are weighed: fair share on and more than one tenant live."""
+        return self.settings.fair_share and self.share.tenants > 1
+
     def _queue_order(self) -> list[Sequence]:
-        """Waiting sequences in admission order: preempted ones first, then by their tenant's counter (the lowest
-        first), in arrival order within a tenant."""
-        if self.share.tenants <= 1:
+        """Waiting sequences in admission order: preempted ones first, in arrival order; with several tenants, by
+        their tenant's counter (the lowest first), then preempted ones first, then arrival order."""
+        if not self._fair:
             return list(self.waiting)
-        return sorted(self.waiting, key=lambda seq: (not seq.preemptions, self.share.level(_tenant(seq))))
+        return sorted(self.waiting, key=lambda seq: (self.share.level(_tenant(seq)), not seq.preemptions))
 
     @staticmethod
     def resolve_adapter(seq: Sequence) -> AdapterVersion | None:
@@ -157,10 +164,37 @@ class Scheduler:
     def _victim(self, seq: Sequence) -> Sequence:
         """Whom to preempt so that ``seq`` gets blocks: among ``seq`` and the running sequences after it (none of
         them scheduled yet this step), the newest of the tenant with the highest counter."""
-        if self.share.tenants <= 1:
+        if not self._fair:
             return self.running[-1]
         candidates = self.running[self.running.index(seq) :]
         return max(reversed(candidates), key=lambda other: self.share.level(_tenant(other)))
+
+    def _reclaim_victim(self, seq: Sequence) -> Sequence | None:
+        """The running sequence to preempt so that waiting ``seq`` gets a slot of the full batch: when its tenant
+        runs fewer sequences than its slot share, the newest of the highest-counter tenant over its own share
+        whose counter is not below ``seq``'s tenant's; None when there is none (or fair share is off)."""
+        if not self._fair:
+            return None
+        slots = self.settings.max_running
+        running = Counter(_tenant(other) for other in self.running)
+        tenant = _tenant(seq)
+        if running[tenant] >= self.share.slot_share(tenant, slots):
+            return None
+        level = self.share.level(tenant)
+        over = [
+            other
+            for other in self.running
+            if running[_tenant(other)] > self.share.slot_share(_tenant(other), slots)
+            and self.share.level(_tenant(other)) >= level
+        ]
+        return max(reversed(over), key=lambda other: self.share.level(_tenant(other)), default=None)
+
+    def _reclaim(self, victim: Sequence, chunks: list[ScheduledChunk]) -> int:
+        """Preempts ``victim`` for a fair-share admission, dropping its chunk of this step; the tokens given back."""
+        given = sum(chunk.num_tokens for chunk in chunks if chunk.seq is victim)
+        chunks[:] = [chunk for chunk in chunks if chunk.seq is not victim]
+        self._preempt(victim)
+        return given
 
     def _decode(self, chunks: list[ScheduledChunk]) -> None:
         for seq in list(self.running):  # oldest first; preemption only ever takes newer ones (or seq itself)
@@ -253,9 +287,15 @@ class Scheduler:
         order = self._queue_order()
         self._start_lookups(order, failed)
         now = time.monotonic()
+        short_of_blocks = bool(self.preempted_tokens)  # admitting would only hand the freed blocks back and forth
         for seq in order:
-            if len(self.running) >= self.settings.max_running or budget <= 0 or self.preempted_tokens:
-                break  # (after a preemption, admitting would only hand the freed blocks back and forth)
+            if budget <= 0 or short_of_blocks:
+                break
+            full = len(self.running) >= self.settings.max_running
+            if full and not self._fair:
+                break
+            if full and self._reclaim_victim(seq) is None:
+                continue  # another tenant's sequence further on may be under its share
             try:
                 ready = self._adapter_ready(seq)
             except EngineError as error:
@@ -263,6 +303,9 @@ class Scheduler:
                 continue
             if not ready:
                 continue
+            victim = self._reclaim_victim(seq) if full else None
+            if victim is not None:
+                budget += self._reclaim(victim, chunks)
             take = self._admit(seq, budget)
             if not take:
                 self._drop_adapter(seq)
