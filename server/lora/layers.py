@@ -37,12 +37,16 @@ class LoraLinear:
                 continue
             rows = slice(segment.start, segment.end)
             dora = pool.key.dora
-            backend = self._kernels.choose(segment.end - segment.start, segment.groups, segment.window, dora)
+            backend = self._kernels.choose(
+                segment.end - segment.start, segment.groups, segment.window, dora, segment.padded
+            )
             a, b = stacks_a[self.layer], pool.b[self.module][self.layer]
             if backend is LoraBackend.FUSED and segment.window is not None and segment.window_offsets is not None:
                 y[rows] = lora_add_fused(y[rows], x[rows], a, b, segment.window, segment.window_offsets)
                 continue
-            delta = lora_delta(backend, x[rows].to(a.dtype), a, b, segment.slots, segment.group_ends, segment.window)
+            delta = lora_delta(
+                backend, x[rows].to(a.dtype), a, b, segment.slots, segment.group_ends, segment.window, segment.padded
+            )
             if dora:
                 scale = pool.dora[self.module][self.layer].index_select(0, segment.slots)
                 y[rows] = apply_dora(y[rows], delta, self.bias, scale)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.server.lora.ops import WINDOW_MAX_WIDTH_PER_ROW, SlotWindow
+from loraplex.server.lora.ops import PADDED_MAX_ROWS_PER_ROW, WINDOW_MAX_WIDTH_PER_ROW, PaddedGroups, SlotWindow
 from loraplex.server.lora.pool import SlotPool
 
 
@@ -26,6 +26,7 @@ class LoraSegment:
     groups: int  # distinct slots among the rows
     window: SlotWindow | None  # set when every row has its own slot, in a narrow window (the window kernel)
     window_offsets: torch.Tensor | None  # [end - start] long: each row's slot - window.first (the fused kernel)
+    padded: PaddedGroups | None = None  # set when the rows come in groups that pad into a small [width, depth]
 
 
 def _window(slots: list[int], device: torch.device) -> SlotWindow | None:
@@ -37,6 +38,22 @@ def _window(slots: list[int], device: torch.device) -> SlotWindow | None:
     if width == len(slots):
         return SlotWindow(first, width, None)
     return SlotWindow(first, width, torch.tensor([s - first for s in slots], dtype=torch.long, device=device))
+
+
+def _padded(slots: list[int], counts: list[int], device: torch.device) -> PaddedGroups | None:
+    """The padded layout of a segment (sorted rows) with several rows per slot, if padding every slot's group to
+    the deepest, over the window of its slots, costs at most :data:`PADDED_MAX_ROWS_PER_ROW` rows per row."""
+    first, last = slots[0], slots[-1]
+    width, depth = last - first + 1, max(counts)
+    if depth < 2 or width * depth > PADDED_MAX_ROWS_PER_ROW * len(slots):
+        return None
+    index: list[int] = []
+    group_start = 0
+    for row, slot in enumerate(slots):
+        if row and slot != slots[row - 1]:
+            group_start = row
+        index.append((slot - first) * depth + row - group_start)
+    return PaddedGroups(first, width, depth, torch.tensor(index, dtype=torch.long, device=device))
 
 
 def _offsets(window: SlotWindow | None, rows: int, device: torch.device) -> torch.Tensor | None:
@@ -79,6 +96,7 @@ class LoraMapping:
                     groups=sum(1 for count in counts if count),
                     window=window,
                     window_offsets=_offsets(window, len(slots), device),
+                    padded=None if window is not None else _padded(slots, counts, device),
                 )
             )
         return cls(tuple(segments))
