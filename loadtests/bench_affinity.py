@@ -216,9 +216,10 @@ def summary(rounds: list[Round], load: Workload) -> dict[str, float | str]:
         "policy": rounds[0].policy,
         "requests": done,
         "errors": sum(result.errors for result in rounds),
+        # A device hit: the adapter already sat in a slot when the request reached the head of the queue (a
+        # prefetch that request caused does not make it one).
         "device_hit_rate": hit_rate(cache, "device"),
-        # Prefetch places a waiting request's adapter before admission, and the lookup then counts as a hit: the
-        # slot writes (prefetched or not) per request say how often a request's adapter had to be copied in.
+        # Slot writes (prefetched or not) per request: how often an adapter had to be copied in for a request.
         "unwritten_rate": 1 - cache.get(("device loads", "ok"), 0.0) / done,
         "host_hit_rate": hit_rate(cache, "host"),
         "requests_per_s": done / seconds,

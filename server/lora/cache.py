@@ -188,13 +188,17 @@ class AdapterManager:
         """The serving version of ``adapter_id``: done at once when in memory, else after a load from disk.
 
         Raises InvalidRequest (bad id) or AdapterNotFound (no such directory, or unloaded) synchronously;
-        the future fails with AdapterRejected when the files cannot be served.
+        the future fails with AdapterRejected when the files cannot be served. Reports the request's host and
+        device look-ups to the listener.
         """
         with self._lock:
             entry = self._servable_entry(adapter_id)
             current = entry.current if entry is not None else None
             in_memory = current is not None and (current.weights is not None or current.placement is not None)
+            # Both tiers are judged here, before any load or prefetch this request could cause: a device hit is a
+            # request whose adapter already sat in a slot, not one that its own prefetch placed while it waited.
             self.listener.adapter_lookup("host", in_memory)
+            self.listener.adapter_lookup("device", current is not None and current.placement is not None)
             if current is not None and in_memory:
                 done: Future[AdapterVersion] = Future()
                 done.set_result(current)
@@ -393,7 +397,6 @@ class AdapterManager:
             if version.placement is not None:
                 version.last_used = time.monotonic()
                 self._refresh_idle(version)
-                self.listener.adapter_lookup("device", True)
                 return True
             if version.weights is None or version.retired is not None:
                 return False
@@ -414,7 +417,6 @@ class AdapterManager:
             version.last_used = time.monotonic()
             self._refresh_idle(version)
             self._refresh_host(version)
-            self.listener.adapter_lookup("device", False)
             self.listener.adapter_loaded("device", "ok", time.perf_counter() - started)
             return True
 

@@ -133,7 +133,8 @@ class Metrics:
         )
         self.adapter_cache_requests = Counter(
             "loraplex_adapter_cache_requests_total",
-            "Adapter look-ups per tier (result: hit or miss)",
+            "Adapter look-ups per request and tier when the request reaches the head of the queue (result: hit when"
+            " the adapter was already in memory / already in a device slot, before any load or prefetch for it)",
             ("tier", "result"),
             registry=registry,
         )

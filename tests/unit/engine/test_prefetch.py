@@ -3,7 +3,8 @@
 The real :class:`Scheduler`, KV cache and :class:`AdapterManager` over real adapter files, without a model: one
 request runs (``max_running`` 1) while another waits on a second adapter. The device events are recorded in order:
 the waiting adapter's host -> device copy comes from the prefetch pass while its request still waits, and its
-admission then finds it on the device (a device hit, no copy).
+admission then finds it on the device (no copy). Its request still counts as a device miss (judged at its lookup,
+before the prefetch it caused); the next request for it is a hit.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class DeviceEvents(EngineListener):
 
 def _sequence(adapter_id: str) -> Sequence:
     request: Any = SimpleNamespace(
-        request_id=adapter_id, adapter_id=adapter_id, deadline=None, tenant=None, cache_salt=None
+        request_id=adapter_id, adapter_id=adapter_id, deadline=None, tenant=None, tenant_weight=1.0, cache_salt=None
     )
     none: Any = None
     return Sequence(request, [1, 2, 3], none, none, none, none, frozenset(), None, 0.0)
@@ -65,16 +66,21 @@ def test_waiting_adapter_is_placed_before_its_request_is_admitted(tmp_path: Path
     first.adapter_future.result(10)  # type: ignore[union-attr]
     chunks, _ = scheduler.schedule()
     assert [chunk.seq for chunk in chunks] == [first] and listener.events == ["device miss", "copied to device"]
+    listener.events.clear()
     scheduler.schedule()  # with a running, b is now among the next waiting: its lookup starts
     version = second.adapter_future.result(10)  # type: ignore[union-attr]
-    assert version.placement is None
+    assert version.placement is None and listener.events == ["device miss"]
     assert scheduler.prefetch() == 1
     assert second.status is Status.WAITING and version.placement is not None and version.refs == 0
     listener.events.clear()
     scheduler.remove(first, served=True)
     chunks, _ = scheduler.schedule()
     assert [chunk.seq for chunk in chunks] == [second] and second.adapter_acquired
-    assert listener.events == ["device hit"]  # admission found it placed: no copy in the admitting step
+    assert listener.events == []  # admission found it placed: no copy in the admitting step
+    third = _sequence("b")
+    scheduler.add(third)
+    scheduler.schedule()
+    assert listener.events == ["device hit"]  # b was in a slot before this request arrived
     manager.shutdown()
 
 
