@@ -31,6 +31,7 @@ SCENARIOS = {
     5: "faults",
     6: "shutdown",
     7: "tenancy and auth",
+    8: "fair share",
 }
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 
