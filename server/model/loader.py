@@ -1,8 +1,10 @@
-"""Loading the base model once: resolve the source, pick device and dtype, optionally quantize with bitsandbytes.
+"""Loading the base model once: resolve the source, pick device and dtype, optionally quantize.
 
-``quantization``: ``none``, ``int8`` (LLM.int8) or ``nf4`` (4-bit NormalFloat, compute in the model dtype).
-bitsandbytes quantizes while loading from safetensors, so a GGUF source is converted first (see ``embedded``).
-Default: nf4 with bfloat16 compute on CUDA, none (float32) on CPU.
+``quantization``: ``none``, ``int8`` (LLM.int8), ``nf4`` (4-bit NormalFloat, compute in the model dtype), both
+bitsandbytes, or ``fp8`` (float8 weights and per-token activations, :mod:`.fp8`). bitsandbytes quantizes while
+loading from safetensors, so a GGUF source is converted first (see ``embedded``). Default: nf4 with bfloat16 compute
+on CUDA (fp8 is not the default until measured against it on a GPU: loadtests/bench_quantized_base.py), none
+(float32) on CPU.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ CPU_AUTO_DTYPE = torch.bfloat16
 
 def resolve_dtype(name: str, device: torch.device, quantization: str = "none") -> torch.dtype:
     """``auto``: bfloat16 on CUDA; on CPU :data:`CPU_AUTO_DTYPE` for an unquantized base where the CPU has native
-    bfloat16, else float32 (emulated bfloat16 is slower than float32, and int8/nf4 keep their float32 path)."""
+    bfloat16, else float32 (emulated bfloat16 is slower than float32, and int8/nf4/fp8 keep their float32 path)."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda":

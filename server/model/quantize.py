@@ -1,4 +1,4 @@
-"""Quantized bases through bitsandbytes: loading an nf4 or int8 model, its compute dtype, and its dense weights.
+"""Quantized bases: loading an nf4 or int8 model (bitsandbytes) or an fp8 one (:mod:`.fp8`), and dense weights.
 
 One loading path (:func:`load_quantized`) serves the server, the trainer and the PEFT oracle, so every side computes
 with the same layers the same way.
@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraplex.server.model.fp8 import check_fp8_device, quantize_fp8
+
 # bitsandbytes logs on every int8 matmul with float32 inputs that they are cast to float16, and, on AVX512-BF16
 # CPUs, at import that it cannot fetch its optional fused kernel from a hub (it falls back to its bundled one).
 _NOISY_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
@@ -52,9 +54,14 @@ def quantization_config(quantization: str, dtype: torch.dtype) -> Any:
 
 def load_quantized(model_dir: Path | str, quantization: str, dtype: torch.dtype, device: torch.device) -> Any:
     """A transformers ``*ForCausalLM`` quantized while loading, its nf4 layers in the canonical layout computing in
-    ``dtype``."""
+    ``dtype``; for ``fp8`` loaded in ``dtype`` on ``device``, then its decoder projections quantized in place."""
     from transformers import AutoModelForCausalLM
 
+    if quantization == "fp8":
+        check_fp8_device(device)  # before reading the weights
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        quantize_fp8(model, dtype, device)
+        return model
     quiet_bitsandbytes()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
@@ -79,7 +86,8 @@ def keep_canonical_layout(model: nn.Module) -> int:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` float32 weight of a plain, int8 or nf4 linear layer, as the layer computes with it."""
+    """The ``[out, in]`` float32 weight of a plain, int8, nf4 or fp8 linear layer, as the layer computes with it (an
+    fp8 layer's ``weight`` is its dequantized weight)."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     quant_state = getattr(weight, "quant_state", None)

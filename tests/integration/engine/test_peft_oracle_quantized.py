@@ -1,4 +1,4 @@
-"""Quantized bases (bitsandbytes nf4 and int8, on this CPU) against PEFT on the same quantized base."""
+"""Quantized bases (bitsandbytes nf4 and int8, fp8, on this CPU) against PEFT on the same quantized base."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ PROMPTS = ["Name a planet.", "What is 7 times 6?", "Give me a color.", "Say hell
 MAX_NEW = 8
 # nf4 layers compute in float32: PEFT's tolerance. int8 layers output float16, and PEFT rounds the LoRA term to
 # float16 three times (cast, x scaling, add) where loraplex adds the float32 term once: float16-level agreement
-# (base rows measured exact, LoRA rows 0.21 at most).
-TOLERANCE = {"nf4": 1e-3, "int8": 0.3}
+# (base rows measured exact, LoRA rows 0.21 at most). fp8 quantizes every projection's input per token: rounding to
+# 3 mantissa bits is discontinuous, so float32-level differences between the engine's forward and transformers'
+# flip single activations by up to 1/16 and that spreads over 30 layers (base rows too: 0.31 at most measured, and
+# one of four rows took another greedy token at step 7 of 8); the tokens are compared up to the first difference,
+# which must come after half of them.
+TOLERANCE = {"nf4": 1e-3, "int8": 0.3, "fp8": 0.4}
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "fp8"])
 def test_quantized_engine_matches_peft_on_the_same_base(
     quantization: str, base: LoadedBase, base_dir: str, tmp_path: Path
 ) -> None:
@@ -70,7 +74,14 @@ def test_quantized_engine_matches_peft_on_the_same_base(
             assert outcome.error is None, outcome.error
             ids = engine.tokenize(messages=(ChatMessage("user", prompt),))
             tokens, want = peft_generate(peft, name, ids, MAX_NEW)
-            assert outcome.token_ids == tokens, name
-            assert max(abs(a - b) for a, b in zip(outcome.logprobs, want, strict=True)) <= TOLERANCE[quantization], name
+            same = len(tokens)
+            if quantization == "fp8":
+                same = next(
+                    (i for i, (a, b) in enumerate(zip(outcome.token_ids, tokens, strict=False)) if a != b), len(tokens)
+                )
+                assert same >= MAX_NEW // 2, (name, outcome.token_ids, tokens)
+            assert outcome.token_ids[:same] == tokens[:same], name
+            worst = max(abs(a - b) for a, b in zip(outcome.logprobs[:same], want[:same], strict=True))
+            assert worst <= TOLERANCE[quantization], name
     finally:
         engine.stop()
