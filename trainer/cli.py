@@ -29,6 +29,7 @@ from loraplex.server.lora.format import MANIFEST_FILE
 from loraplex.trainer.config import DatasetSpec, TrainConfig, add_flags, flag_values, load_config
 from loraplex.trainer.data import held_out
 from loraplex.trainer.errors import ConfigError, PushError, TrainerError
+from loraplex.trainer.export import PROVIDERS
 
 log = logging.getLogger("loraplex.trainer")
 
@@ -113,7 +114,7 @@ def _export(args: argparse.Namespace) -> None:
     merged = merge(args.adapter, config, args.output)
     print(f"merged model written to {merged}")
     if args.format == "onnx":
-        worst = export_onnx(merged, merged / ONNX_FILE)
+        worst = export_onnx(merged, merged / ONNX_FILE, args.provider)
         print(f"ONNX model written to {merged / ONNX_FILE}; max abs logit difference vs torch: {worst:.3e}")
 
 
@@ -158,6 +159,12 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, required=True, help="directory for the merged model")
     export.add_argument("--format", choices=("hf", "onnx"), default="hf", help="hf, or onnx (also writes hf)")
     export.add_argument("--base-model", default=None, help="override the base recorded in the manifest")
+    export.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="auto",
+        help="onnxruntime provider checking the ONNX logits: auto (CUDA where onnxruntime-gpu has it, else CPU)",
+    )
     export.set_defaults(run=_export)
     push = commands.add_parser("push", help="upload the adapter to a loraplex server and hot-load it (admin)")
     push.add_argument("adapter", type=Path, help="adapter directory written by loraplex-train")

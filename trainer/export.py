@@ -4,7 +4,9 @@ Merging happens into the float base, also for qlora adapters (merging into a 4-b
 lose the adapter's precision); serve adapters unmerged, export merged models for other runtimes. The ONNX graph
 (torch's dynamo exporter, needs ``onnx`` and ``onnxscript``) takes ``input_ids`` and ``attention_mask`` with
 dynamic batch and sequence axes and returns ``logits``; onnxruntime then runs it beside torch and the largest
-absolute logit difference over real (unpadded) tokens must stay within :data:`ONNX_TOLERANCE`.
+absolute logit difference over real (unpadded) tokens must stay within :data:`ONNX_TOLERANCE`. The check runs on
+onnxruntime-gpu's CUDA execution provider where it is installed (the ``gpu`` extra), else on the CPU provider
+(:func:`onnx_providers`; ``--provider cuda`` insists on CUDA and fails clearly without it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from loraplex.trainer.model import load_trained
 
 ONNX_TOLERANCE = 1e-3
 ONNX_FILE = "model.onnx"
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+PROVIDERS = ("auto", "cpu", "cuda")
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +62,29 @@ def _check_inputs(vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return checks
 
 
-def export_onnx(merged_dir: Path, path: Path) -> float:
-    """Exports the merged model to ONNX at ``path``; returns the max abs logit difference against torch."""
+def onnx_providers(provider: str, available: list[str]) -> list[str]:
+    """The onnxruntime providers that validate the export: ``cuda`` (CUDA, CPU as onnxruntime's fallback for
+    unsupported nodes), ``cpu``, or ``auto`` (CUDA where ``available`` has it, else CPU)."""
+    if provider not in PROVIDERS:
+        raise ConfigError(f"--provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
+    if provider == "cuda" and CUDA_PROVIDER not in available:
+        raise ConfigError(
+            f"--provider cuda needs onnxruntime-gpu's {CUDA_PROVIDER}, which this onnxruntime lacks (it offers "
+            f"{', '.join(available)}): install the gpu extra, pip install 'loraplex[gpu]', on a CUDA machine"
+        )
+    if provider == "cuda" or (provider == "auto" and CUDA_PROVIDER in available):
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def export_onnx(merged_dir: Path, path: Path, provider: str = "auto") -> float:
+    """Exports the merged model to ONNX at ``path``; returns the max abs logit difference against torch, run on the
+    providers :func:`onnx_providers` picks for ``provider``."""
     try:
         import onnxruntime
     except ImportError as exc:
         raise ConfigError("ONNX export needs the export extra: pip install 'loraplex[export]'") from exc
+    providers = onnx_providers(provider, onnxruntime.get_available_providers())
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -80,7 +102,8 @@ def export_onnx(merged_dir: Path, path: Path) -> float:
             dynamo=True,
             external_data=True,
         )
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(path), providers=providers)
+    log.info("validating %s on %s", path, session.get_providers()[0])
     worst = 0.0
     for ids, mask in _check_inputs(model.config.vocab_size):
         with torch.no_grad():
