@@ -71,8 +71,8 @@ class Fp8Linear(nn.Linear):
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
 
-    @property  # type: ignore[override]
-    def weight(self) -> torch.Tensor:
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
         """The dequantized ``[out, in]`` weight in the compute dtype (computed on every access: for DoRA norms and
         PEFT's dtype and device probes, never for the forward)."""
         qweight, scale = self.qweight, self.weight_scale
