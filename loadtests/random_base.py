@@ -24,7 +24,6 @@ def random_base(
 ) -> LoadedBase:
     """An unquantized random base of ``preset`` on ``device`` (``auto``: CUDA if present) in ``dtype`` (``auto``:
     the loader's rule, bfloat16 on CUDA)."""
-    from tokenizers import decoders
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     started = time.monotonic()
@@ -40,9 +39,6 @@ def random_base(
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    # llguidance (the engine's constraint compiler) needs a decoder type; the word-level vocabulary is ASCII, which
-    # byte-level decoding maps to itself
-    tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
     shape = ModelShape.from_config(config)
     return LoadedBase(
         model=model,

@@ -45,12 +45,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _write_tokenizer(directory: Path, vocab_size: int) -> None:
     """A word-level tokenizer over ``vocab_size`` synthetic words (ids are what matters for random weights)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    # llguidance (the engine's constraint compiler) refuses a tokenizer without a decoder type; the vocabulary is
+    # ASCII, which byte-level decoding maps to itself
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
