@@ -180,11 +180,13 @@ class EngineSettings(_Section):
         "about half the float32 speed there, measured in loadtests/BENCHMARKS.md); float32 doubles the adapter bytes "
         "of a bfloat16 model within adapters.device_bytes",
     )
-    lora_kernel: Literal["auto", "grouped", "gather"] = Field(
+    lora_kernel: Literal["auto", "grouped", "gather", "triton"] = Field(
         "auto",
-        description="batched LoRA kernel: auto picks per layer call from its shape (gather for decode over distinct "
-        "adapters on CPU, grouped_mm for prefill and few adapters; grouped where it works on CUDA); grouped or "
-        "gather forces one (grouped is refused where torch lacks grouped_mm for the device and dtype)",
+        description="batched LoRA kernel: auto picks per layer call from its shape (on CPU by the measured rule: "
+        "gather/window/fused for decode over distinct adapters, grouped_mm for prefill and few adapters; on CUDA by "
+        "a start-up calibration timing grouped, gather, window and the Triton kernels on the device); grouped, "
+        "gather or triton forces one (grouped is refused where torch lacks grouped_mm for the device and dtype, "
+        "triton where there is no CUDA device or no triton package)",
     )
 
     @model_validator(mode="before")

@@ -44,16 +44,18 @@ output ``y = Wx + bias`` into ``bias + g ⊙ (Wx + delta)``: :func:`apply_dora`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import StrEnum
+from types import ModuleType
 
 import torch
 
 from loraplex.server.lora import compiled
+from loraplex.server.lora.calibration import BUCKETS, Calibration, measure
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,14 @@ def lora_add_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     """In place: ``y[t] += (x[t] @ a[row_slots[t]]) @ b[row_slots[t]]`` for every row ``t`` with
     ``row_slots[t] >= 0``; ``row_slots`` int32/int64 ``[T]``, ``-1`` for a row without this pool's adapter. No host
     synchronisation and no data-dependent shapes, so it can be captured in a CUDA graph (a static-shape decode
-    step). The torch form: slots clamped to 0, each row's weights gathered, two ``bmm``, the delta multiplied by
-    the row mask (rows of ``-1`` add zeros), computed in the stacks' dtype and added into ``y``."""
+    step). Where the Triton kernels run (CUDA; CPU under the interpreter) by their BGMV-style launches
+    (:func:`loraplex.server.lora.triton_lora.lora_add_rows`); elsewhere the torch form: slots clamped to 0, each
+    row's weights gathered, two ``bmm``, the delta multiplied by the row mask (rows of ``-1`` add zeros), computed
+    in the stacks' dtype and added into ``y``."""
+    kernels = _triton_lora()
+    if kernels is not None and kernels.runs_on(x.device):
+        kernels.lora_add_rows(y, x, a, b, row_slots)
+        return
     valid = row_slots >= 0
     slots = row_slots.clamp(min=0).long()
     shrunk = torch.bmm(x.to(a.dtype).unsqueeze(1), a.index_select(0, slots))
@@ -97,7 +105,7 @@ def lora_add_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     y.add_((delta * valid.unsqueeze(1).to(delta.dtype)).to(y.dtype))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SlotWindow:
     """A segment whose rows each have their own slot, all within ``first .. first + width - 1``: the window
     kernel reads the weight stacks there as a view (no per-row copy of the weights)."""
@@ -118,7 +126,7 @@ def lora_delta_window(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, window:
     return delta.index_select(0, window.local)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PaddedGroups:
     """A segment whose rows come in groups of several per slot (prefill chunks), all within a narrow slot window:
     the padded kernel lays its rows out as ``[width, depth]`` (each slot's rows padded to the deepest group; empty
@@ -212,6 +220,51 @@ def fused_kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
     return works
 
 
+@functools.cache
+def _triton_lora() -> ModuleType | None:
+    """The Triton kernels' module, or None where triton is not installed (imported on first use only)."""
+    try:
+        from loraplex.server.lora import triton_lora
+    except ImportError:
+        return None
+    return triton_lora
+
+
+def triton_runs(device: torch.device) -> bool:
+    """Whether the Triton kernels launch on ``device`` (CUDA with triton; CPU under ``TRITON_INTERPRET=1``)."""
+    kernels = _triton_lora()
+    return kernels is not None and kernels.runs_on(device)
+
+
+def lora_add_triton(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, group_ends: torch.Tensor, groups: int
+) -> None:
+    """In place ``y += delta`` for a segment (rows sorted by slot) by the Triton shrink and expand launches."""
+    kernels = _triton_lora()
+    if kernels is None:
+        raise RuntimeError("the triton LoRA kernel needs the triton package")
+    kernels.lora_add_sorted(y, x, a, b, group_ends, groups)
+
+
+def _triton_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels launch here and match the reference (a compiler or driver failure: not here)."""
+    if not triton_runs(device):
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 64, generator=generator).to(dtype)
+        a = (torch.randn(3, 64, 16, generator=generator) / 8).to(dtype)
+        b = (torch.randn(3, 16, 48, generator=generator) / 4).to(dtype)
+        ends = torch.tensor([2, 2, 5], dtype=torch.int32)
+        y = torch.zeros(5, 48, device=device, dtype=dtype)
+        lora_add_triton(y, x.to(device), a.to(device), b.to(device), ends.to(device), 2)
+        want = lora_delta_reference(x.float(), a.float(), b.float(), torch.tensor([0, 0, 2, 2, 2]))
+        return bool(torch.allclose(y.float().cpu(), want, rtol=5e-2, atol=5e-2))
+    except Exception as exc:  # any compiler or driver failure means: not here
+        log.warning("Triton LoRA kernels unavailable on %s/%s: %s", device, dtype, exc)
+        return False
+
+
 def apply_dora(y: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """DoRA output ``bias + scale ⊙ (y - bias + delta)``: ``y, delta [T, out]``, ``scale [T, out]``."""
     if bias is None:
@@ -225,6 +278,7 @@ class LoraBackend(StrEnum):
     WINDOW = "window"
     PADDED = "padded"
     FUSED = "fused"
+    TRITON = "triton"
 
 
 def lora_delta(
@@ -238,7 +292,10 @@ def lora_delta(
     padded: PaddedGroups | None = None,
 ) -> torch.Tensor:
     """The segment's delta by ``backend`` (``window`` is required by the window kernel and ``padded`` by the
-    padded one, unused by the others)."""
+    padded one, unused by the others). The fused and Triton kernels add into the layer output instead
+    (:func:`lora_add_fused`, :func:`lora_add_triton`)."""
+    if backend in (LoraBackend.FUSED, LoraBackend.TRITON):
+        raise ValueError(f"the {backend.value} kernel adds into the layer output: it computes no delta alone")
     if backend is LoraBackend.WINDOW:
         if window is None:
             raise ValueError("the window kernel needs the segment's slot window")
@@ -257,7 +314,7 @@ WINDOW_MAX_WIDTH_PER_ROW = 2.0
 PADDED_MAX_ROWS_PER_ROW = 2.0
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LoraKernels:
     """Which kernel computes a segment of ``rows`` rows over ``groups`` distinct adapters."""
 
@@ -265,6 +322,23 @@ class LoraKernels:
     by_shape: bool  # False: always the preferred kernel (grouped where it works)
     forced: LoraBackend | None = None
     fused_works: bool = False  # the compiled fused kernel runs for these stacks (CPU, bf16/fp16)
+    triton_works: bool = False  # the Triton kernels launch and match the reference here (CUDA)
+    calibration: Calibration | None = None  # CUDA: the measured timings the choice follows
+
+    @functools.cached_property
+    def _calibrated_candidates(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The kernels a calibrated choice may pick for segments (with a slot window, without one)."""
+        usable = [
+            kernel.value
+            for kernel, works in (
+                (LoraBackend.GROUPED, self.grouped_works),
+                (LoraBackend.WINDOW, True),
+                (LoraBackend.GATHER, True),
+                (LoraBackend.TRITON, self.triton_works),
+            )
+            if works
+        ]
+        return tuple(usable), tuple(kernel for kernel in usable if kernel != LoraBackend.WINDOW)
 
     def choose(
         self,
@@ -279,6 +353,9 @@ class LoraKernels:
         several rows within a narrow window, see :class:`PaddedGroups`)."""
         if self.forced is not None:
             return self.forced
+        if self.calibration is not None:
+            windowed, unwindowed = self._calibrated_candidates
+            return LoraBackend(self.calibration.best(rows, groups, windowed if window is not None else unwindowed))
         if self.fused_works and window is not None and not dora and rows >= 2 and window.width >= 2:
             return LoraBackend.FUSED
         if window is not None and (self.by_shape or not self.grouped_works):
@@ -294,6 +371,8 @@ class LoraKernels:
     def describe(self) -> str:
         if self.forced is not None:
             return self.forced.value
+        if self.calibration is not None:
+            return self.calibration.describe()
         if not self.grouped_works:
             return LoraBackend.GATHER.value
         if not self.by_shape:
@@ -335,9 +414,72 @@ def lora_stack_dtype(device: torch.device, model_dtype: torch.dtype, requested: 
     raise ValueError(f"engine.lora_dtype={requested!r}: use auto, float32 or model")
 
 
-def select_kernels(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> LoraKernels:
-    """The kernel rule for this device and dtype: ``auto`` (by shape on CPU; grouped where it works on CUDA), or
-    one kernel forced (``grouped`` / ``gather``)."""
+def calibrate(
+    device: torch.device,
+    dtype: torch.dtype,
+    kernels: LoraKernels,
+    rank: int = 16,
+    fan_in: int = 4096,
+    fan_out: int = 4096,
+    buckets: tuple[tuple[int, int], ...] = BUCKETS,
+    repeats: int = 10,
+) -> Calibration:
+    """Times each kernel ``kernels`` can run (grouped where it works, gather, window where every row has its own
+    slot, Triton where it works) as ``y += delta`` on stacks of ``dtype`` and ``rank`` at each bucket of
+    (rows, distinct adapters), the rows spread evenly over the adapters."""
+    capacity = max(groups for _, groups in buckets)
+    most_rows = max(rows for rows, _ in buckets)
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.randn(capacity, fan_in, rank, generator=generator) / fan_in**0.5).to(device, dtype)
+    b = (torch.randn(capacity, rank, fan_out, generator=generator) / rank).to(device, dtype)
+    x = torch.randn(most_rows, fan_in, generator=generator).to(device, dtype)
+    y = torch.zeros(most_rows, fan_out, device=device, dtype=dtype)
+
+    def segment(rows: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        slots = torch.arange(rows) * groups // rows
+        ends = torch.bincount(slots, minlength=capacity).cumsum(0).to(torch.int32)
+        return x[:rows], y[:rows], slots.to(device), ends.to(device)
+
+    def delta_kernel(kernel: LoraDelta) -> Callable[[int, int], Callable[[], object]]:
+        def make(rows: int, groups: int) -> Callable[[], object]:
+            xs, ys, slots, ends = segment(rows, groups)
+            return lambda: ys.add_(kernel(xs, a, b, slots, ends))
+
+        return make
+
+    def window(rows: int, groups: int) -> Callable[[], object] | None:
+        xs, ys, _, _ = segment(rows, groups)
+        slots = SlotWindow(0, rows, None)
+        return (lambda: ys.add_(lora_delta_window(xs, a, b, slots))) if rows == groups else None
+
+    def triton(rows: int, groups: int) -> Callable[[], object]:
+        xs, ys, _, ends = segment(rows, groups)
+        return lambda: lora_add_triton(ys, xs, a, b, ends, groups)
+
+    candidates: dict[str, Callable[[int, int], Callable[[], object] | None]] = {}
+    if kernels.grouped_works:
+        candidates[LoraBackend.GROUPED.value] = delta_kernel(lora_delta_grouped)
+    candidates[LoraBackend.GATHER.value] = delta_kernel(lora_delta_gather)
+    candidates[LoraBackend.WINDOW.value] = window
+    if kernels.triton_works:
+        candidates[LoraBackend.TRITON.value] = triton
+    label = f"{device}/{str(dtype).removeprefix('torch.')} rank {rank} {fan_in}->{fan_out}"
+    with torch.inference_mode():
+        return measure(label, device, candidates, buckets, repeats)
+
+
+def select_kernels(
+    device: torch.device,
+    dtype: torch.dtype,
+    requested: str = "auto",
+    rank: int = 16,
+    fan_in: int = 4096,
+    fan_out: int = 4096,
+) -> LoraKernels:
+    """The kernel rule for this device and dtype: ``auto`` (by the measured shape rule on CPU; on CUDA by a
+    calibration run here, timing the kernels at a few (rows, adapters) buckets for stacks of ``rank`` and
+    ``fan_in -> fan_out``, logged and kept in :meth:`LoraKernels.describe`), or one kernel forced (``grouped``,
+    ``gather``, ``triton``)."""
     forced = None if requested == "auto" else LoraBackend(requested)
     grouped_works = _grouped_mm_works(device, dtype)
     if forced is LoraBackend.GROUPED and not grouped_works:
@@ -345,9 +487,23 @@ def select_kernels(device: torch.device, dtype: torch.dtype, requested: str = "a
             f"engine.lora_kernel=grouped: torch._grouped_mm does not run on {device.type} with {dtype}; "
             "use auto or gather"
         )
-    return LoraKernels(
+    triton_works = (device.type == "cuda" or forced is LoraBackend.TRITON) and _triton_works(device, dtype)
+    if forced is LoraBackend.TRITON and not triton_works:
+        installed = "installed" if _triton_lora() is not None else "not installed"
+        raise ValueError(
+            f"engine.lora_kernel=triton: the Triton LoRA kernels need a CUDA device (here {device.type}, "
+            f"{dtype}; triton {installed}); use auto"
+        )
+    kernels = LoraKernels(
         grouped_works=grouped_works,
         by_shape=device.type == "cpu",
         forced=forced,
         fused_works=fused_kernel_works(device, dtype),
+        triton_works=triton_works,
     )
+    if device.type != "cuda" or forced is not None:
+        return kernels
+    started = time.perf_counter()
+    calibration = calibrate(device, dtype, kernels, rank, fan_in, fan_out)
+    log.info("LoRA kernels calibrated in %.2f s: %s", time.perf_counter() - started, calibration.describe())
+    return dataclasses.replace(kernels, calibration=calibration)
