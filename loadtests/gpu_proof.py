@@ -1,8 +1,9 @@
 """Issue 14's proof on a GPU machine in one command (under 10 minutes): every part in its own process with its own
 time budget (killed with its process group when it overruns), a failing part recorded and the next one run, and one
-summary JSON with the three proof figures and pass/fail per figure.
+summary JSON with the three proof figures and pass/fail per figure. ``OUT`` gets only the JSON reports (the device
+tool brings back at most 8 files); logs, wheels and the base live in ``--work``.
 
-Parts: install carried wheels (a ``.whl`` folder) into ``OUT/site``, link the checkout's packages there (the device
+Parts: install carried wheels (a ``.whl`` folder) into ``WORK/site``, link the checkout's packages there (the device
 image has no editable install), print the device, ``pytest -m gpu`` over the test files that carry the marker,
 bench_decode_roofline.py (8B shape), a random 8B base written once for bench_engine.py (both shapes, PEFT, churn
 and memory skipped), bench_lora_ops.py on CUDA, and bench_quantized_base.py where it exists. Standard library only:
@@ -40,9 +41,9 @@ class Part:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def run_part(part: Part, out: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Runs one part, its output in ``out/<name>.log``; killed with its process group past its budget."""
-    log = out / f"{part.name}.log"
+def run_part(part: Part, logs: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Runs one part, its output in ``logs/<name>.log``; killed with its process group past its budget."""
+    log = logs / f"{part.name}.log"
     started = time.monotonic()
     print(f"== {part.name} (budget {part.budget_s:.0f} s): {' '.join(part.command)}", flush=True)
     with log.open("w") as sink:
@@ -90,11 +91,11 @@ def gpu_test_files() -> list[str]:
     )
 
 
-def parts(args: argparse.Namespace, out: Path) -> list[Part]:
+def parts(args: argparse.Namespace, out: Path, work: Path) -> list[Part]:
     py = sys.executable
     smoke = args.cpu_smoke
     wheels = REPO / ".whl"
-    site = out / "site"
+    site = work / "site"
     listed: list[Part] = []
     if wheels.is_dir() and any(wheels.glob("*.whl")):
         install = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir"]
@@ -117,7 +118,7 @@ def parts(args: argparse.Namespace, out: Path) -> list[Part]:
     roof_cmd = [py, "loadtests/bench_decode_roofline.py", *shape, "--json", str(roofline)]
     roof_cmd += [f"--set={s}" for s in args.set]
     listed.append(Part("roofline", roof_cmd, 60 if smoke else args.roofline_budget, roofline))
-    base_dir = out / "work" / ("base-tiny" if smoke else "base-8b")
+    base_dir = work / ("base-tiny" if smoke else "base-8b")
     preset = ["--preset", "tiny", "--dtype", "float32"] if smoke else ["--preset", "llama-8b", "--dtype", "bfloat16"]
     device = ["--device", "cpu" if smoke else "cuda"]
     listed.append(Part("random-base", [py, "-m", "loadtests.random_model", str(base_dir), *preset, *device], 240))
@@ -176,6 +177,9 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-proof-out")))
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/loraplex-proof"), help="installed wheels, the 8B base, the logs"
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="every part at tiny size on CPU")
     parser.add_argument("--test-budget", type=float, default=150)
     parser.add_argument("--roofline-budget", type=float, default=150)
@@ -184,16 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="engine setting for the roofline run (repeat)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    site = out / "site"
+    work = args.work.resolve()
+    logs = work / "logs"
+    for folder in (out, logs):
+        folder.mkdir(parents=True, exist_ok=True)
+    site = work / "site"
     link_packages(site)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), str(REPO), env.get("PYTHONPATH", "")) if p)
     if args.cpu_smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""
     results: dict[str, dict[str, Any]] = {}
-    for part in parts(args, out):
-        results[part.name] = run_part(part, out, env)
+    for part in parts(args, out, work):
+        results[part.name] = run_part(part, logs, env)
     summary = summarize(results)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\nissue 14 proof figures:")

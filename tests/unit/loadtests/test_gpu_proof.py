@@ -52,7 +52,7 @@ def test_a_part_past_its_budget_is_killed(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_part(tmp_path: Path) -> None:
-    assert gpu_proof.main(["--out", str(tmp_path), "--cpu-smoke"]) == 0
+    assert gpu_proof.main(["--out", str(tmp_path), "--work", str(tmp_path / "work"), "--cpu-smoke"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["status"] for r in summary["parts"].values()} == {"ok"}, summary["parts"]
     assert all(f["value"] is not None for f in summary["figures"].values())
