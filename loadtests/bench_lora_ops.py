@@ -3,7 +3,8 @@
 For each token count (decode-sized to prefill-sized), every token's adapter drawn from ``--adapters`` resident
 slots: the base matmul, the grouped backend, the gather backend and the per-token reference loop (small cases only);
 then the decode case the window kernel serves (every token its own adapter, slots 0 .. tokens - 1), with the
-compiled fused kernel (``y + delta`` in one pass) where it runs (CPU, bfloat16/float16). This is the
+compiled fused kernel (``y + delta`` in one pass) where it runs (CPU, bfloat16/float16), and the Triton kernels
+(``y += delta`` in place, one shrink and one expand launch) on CUDA. This is the
 measurement behind the per-segment kernel rule in ``loraplex.server.lora.ops``.
 
     python loadtests/bench_lora_ops.py                                  # SmolLM2 gate_proj shape on CPU, fp32
@@ -13,36 +14,21 @@ measurement behind the per-segment kernel rule in ``loraplex.server.lora.ops``.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 
+from loraplex.server.lora.calibration import median_ms
 from loraplex.server.lora.ops import (
     SlotWindow,
     fused_kernel_works,
     lora_add_fused,
+    lora_add_triton,
     lora_delta_gather,
     lora_delta_grouped,
     lora_delta_reference,
     lora_delta_window,
+    triton_runs,
 )
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of ``fn`` after warm-up (synchronising on CUDA)."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return sorted(samples)[len(samples) // 2]
 
 
 def main() -> None:
@@ -56,6 +42,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="8,32,128,512")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    reps = args.repeats
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(args.fan_out, args.fan_in, generator=generator).to(device, dtype)
@@ -65,44 +52,63 @@ def main() -> None:
         f"{args.fan_in}->{args.fan_out}, rank {args.rank}, {args.adapters} adapters, {device} {args.dtype}, "
         f"threads {torch.get_num_threads()}"
     )
-    print(f"{'tokens':>7} {'base ms':>9} {'grouped ms':>11} {'gather ms':>10} {'loop ms':>9} {'grouped/base':>13}")
+    triton = triton_runs(device) and device.type == "cuda"
+    print(
+        f"{'tokens':>7} {'base ms':>9} {'grouped ms':>11} {'gather ms':>10} {'loop ms':>9} {'grouped/base':>13} "
+        f"{'triton ms':>10}"
+    )
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(tokens, args.fan_in, generator=generator).to(device, dtype)
         slots = torch.sort(torch.randint(0, args.adapters, (tokens,), generator=generator)).values.to(device)
         ends = torch.bincount(slots, minlength=args.adapters).cumsum(0).to(torch.int32)
-        base_ms = timed(lambda x=x: x @ weight.T, device, args.repeats)
-        grouped_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_grouped(x, a, b, s, e), device, args.repeats)
-        gather_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_gather(x, a, b, s, e), device, args.repeats)
+        base_ms = median_ms(lambda x=x: x @ weight.T, device, reps)
+        grouped_ms = median_ms(lambda x=x, s=slots, e=ends: lora_delta_grouped(x, a, b, s, e), device, reps)
+        gather_ms = median_ms(lambda x=x, s=slots, e=ends: lora_delta_gather(x, a, b, s, e), device, reps)
         loop = (
-            f"{timed(lambda x=x, s=slots: lora_delta_reference(x, a, b, s), device, 5):9.3f}"
+            f"{median_ms(lambda x=x, s=slots: lora_delta_reference(x, a, b, s), device, 5):9.3f}"
             if tokens <= 128
             else f"{'-':>9}"
         )
-        print(f"{tokens:7d} {base_ms:9.3f} {grouped_ms:11.3f} {gather_ms:10.3f} {loop} {grouped_ms / base_ms:13.2f}")
+        y = x @ weight.T
+        groups = int(torch.unique(slots).numel())
+        triton_ms = (
+            f"{median_ms(lambda x=x, y=y, e=ends, g=groups: lora_add_triton(y, x, a, b, e, g), device, reps):10.3f}"
+            if triton
+            else f"{'-':>10}"
+        )
+        print(
+            f"{tokens:7d} {base_ms:9.3f} {grouped_ms:11.3f} {gather_ms:10.3f} {loop} {grouped_ms / base_ms:13.2f} "
+            f"{triton_ms}"
+        )
     print("\none token per adapter (decode over distinct adapters)")
     fused = fused_kernel_works(device, dtype)
     print(
         f"{'tokens':>7} {'base ms':>9} {'grouped ms':>11} {'gather ms':>10} {'window ms':>10} {'window/base':>12} "
-        f"{'fused ms':>9}"
+        f"{'fused ms':>9} {'triton ms':>10}"
     )
     for tokens in (int(t) for t in args.tokens.split(",") if int(t) <= args.adapters):
         x = torch.randn(tokens, args.fan_in, generator=generator).to(device, dtype)
         slots = torch.arange(tokens, device=device)
         ends = torch.bincount(slots, minlength=args.adapters).cumsum(0).to(torch.int32)
         window = SlotWindow(0, tokens, None)
-        base_ms = timed(lambda x=x: x @ weight.T, device, args.repeats)
-        grouped_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_grouped(x, a, b, s, e), device, args.repeats)
-        gather_ms = timed(lambda x=x, s=slots, e=ends: lora_delta_gather(x, a, b, s, e), device, args.repeats)
-        window_ms = timed(lambda x=x, w=window: lora_delta_window(x, a, b, w), device, args.repeats)
+        base_ms = median_ms(lambda x=x: x @ weight.T, device, reps)
+        grouped_ms = median_ms(lambda x=x, s=slots, e=ends: lora_delta_grouped(x, a, b, s, e), device, reps)
+        gather_ms = median_ms(lambda x=x, s=slots, e=ends: lora_delta_gather(x, a, b, s, e), device, reps)
+        window_ms = median_ms(lambda x=x, w=window: lora_delta_window(x, a, b, w), device, reps)
         y = x @ weight.T
         fused_ms = (
-            f"{timed(lambda x=x, y=y, w=window, s=slots: lora_add_fused(y, x, a, b, w, s), device, args.repeats):9.3f}"
+            f"{median_ms(lambda x=x, y=y, w=window, s=slots: lora_add_fused(y, x, a, b, w, s), device, reps):9.3f}"
             if fused and tokens >= 2
             else f"{'-':>9}"
         )
+        triton_ms = (
+            f"{median_ms(lambda x=x, y=y, e=ends, n=tokens: lora_add_triton(y, x, a, b, e, n), device, reps):10.3f}"
+            if triton
+            else f"{'-':>10}"
+        )
         print(
             f"{tokens:7d} {base_ms:9.3f} {grouped_ms:11.3f} {gather_ms:10.3f} {window_ms:10.3f} "
-            f"{window_ms / base_ms:12.2f} {fused_ms}"
+            f"{window_ms / base_ms:12.2f} {fused_ms} {triton_ms}"
         )
 
 

@@ -74,13 +74,13 @@ def multi_slice_case(slices: int, dtype: str, device: str = "cpu") -> tuple[floa
 
 CASES: dict[str, Callable[..., tuple[float, float]]] = {
     **{
-        f"rows-{dtype}-r{rank}-{name}": lambda d=dtype, r=rank, s=slots: rows_case(s, r, d)
+        f"rows-{dtype}-r{rank}-{name}": lambda device="cpu", d=dtype, r=rank, s=slots: rows_case(s, r, d, device)
         for dtype in DTYPES
         for rank in (8, 16, 32)
         for name, slots in (("mixed", [2, -1, 0, 2, 5, -1, 1]), ("none", [-1, -1, -1]), ("one", [3]))
     },
     **{
-        f"sorted-{dtype}-{name}": lambda d=dtype, c=counts, r=rank: sorted_case(c, r, d)
+        f"sorted-{dtype}-{name}": lambda device="cpu", d=dtype, c=counts, r=rank: sorted_case(c, r, d, device)
         for dtype in DTYPES
         for name, counts, rank in (
             ("decode", [1, 1, 0, 1, 1], 16),
@@ -88,7 +88,11 @@ CASES: dict[str, Callable[..., tuple[float, float]]] = {
             ("prefill", [130, 2], 64),
         )
     },
-    **{f"multi-{dtype}-{n}": lambda d=dtype, n=n: multi_slice_case(n, d) for dtype in DTYPES for n in (2, 3)},
+    **{
+        f"multi-{dtype}-{n}": lambda device="cpu", d=dtype, n=n: multi_slice_case(n, d, device)
+        for dtype in DTYPES
+        for n in (2, 3)
+    },
 }
 
 

@@ -15,12 +15,13 @@ import torch
 from loadtests.random_model import write_random_llama
 from loraplex.server.config import ModelSettings
 from loraplex.server.core.types import GenerationRequest, SamplingParams
-from loraplex.server.lora.ops import LoraBackend, lora_delta, lora_delta_reference, select_kernels
+from loraplex.server.lora.ops import LoraBackend, lora_add_triton, lora_delta, lora_delta_reference, select_kernels
 from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import quantization_config
 from tests.integration.engine.conftest import make_engine, run_all
 from tests.support.adapters import ALL_LINEAR, QV, write_adapter
 from tests.support.peft_oracle import peft_generate, peft_logits, peft_with_adapters
+from tests.support.triton_cases import CASES, DTYPES
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,11 +49,38 @@ def test_backends_on_cuda_match_reference(dtype: torch.dtype, tolerance: float) 
     slot_of = torch.sort(torch.randint(0, slots, (tokens,), generator=generator)).values
     ends = torch.bincount(slot_of, minlength=slots).cumsum(0).to(torch.int32)
     want = lora_delta_reference(x.double(), a.double(), b.double(), slot_of)
-    got = lora_delta(backend, x.to(CUDA, dtype), a.to(CUDA, dtype), b.to(CUDA, dtype), slot_of.to(CUDA), ends.to(CUDA))
+    x, a, b, slot_of, ends = x.to(CUDA, dtype), a.to(CUDA, dtype), b.to(CUDA, dtype), slot_of.to(CUDA), ends.to(CUDA)
+    if backend is LoraBackend.TRITON:  # adds into the output
+        got = torch.zeros(tokens, fan_out, device=CUDA, dtype=dtype)
+        lora_add_triton(got, x, a, b, ends, int(torch.unique(slot_of).numel()))
+    else:
+        got = lora_delta(backend, x, a, b, slot_of, ends)
     error = torch.linalg.norm(got.double().cpu() - want) / torch.linalg.norm(want)
     assert error < tolerance
-    if dtype == torch.bfloat16:
-        assert backend is LoraBackend.GROUPED
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_kernels_on_cuda_match_reference(case: str) -> None:
+    """The interpreter's cases (tests/support/triton_cases.py), compiled and run on the device."""
+    error, scale = CASES[case](device="cuda")
+    assert error <= 2 * torch.finfo(DTYPES[case.split("-")[1]]).eps * scale + 1e-5, (case, error, scale)
+
+
+def test_calibration_on_cuda_times_the_triton_kernels() -> None:
+    kernels = select_kernels(CUDA, torch.bfloat16)
+    assert kernels.triton_works and kernels.calibration is not None
+    print(kernels.describe())
+    assert all("triton" in row for row in kernels.calibration.timings.values())
+
+
+def test_engine_on_cuda_with_triton_kernels_matches_peft(random_base: Path, tmp_path: Path) -> None:
+    base = load_base(ModelSettings(base_model=str(random_base), device="cuda", quantization="none", dtype="float32"))
+    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
+        write_adapter(tmp_path / name, base.shape, seed=seed, **kwargs)
+    peft = _peft(random_base, tmp_path, dtype=torch.float32, device_map={"": "cuda"})
+    agreement, worst = _compare(base, tmp_path, peft, lora_kernel="triton")
+    print(f"float32 on CUDA, Triton LoRA kernels: token agreement {agreement:.2f}, max |dlogprob| {worst:.2e}")
+    assert agreement == 1.0 and worst <= 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +94,9 @@ def _peft(base_dir: Path, root: Path, **load: Any) -> Any:
     return peft_with_adapters(AutoModelForCausalLM.from_pretrained(base_dir, **load), root, list(ADAPTERS))
 
 
-def _compare(base: LoadedBase, root: Path, peft: Any) -> tuple[float, float]:
+def _compare(base: LoadedBase, root: Path, peft: Any, **engine: Any) -> tuple[float, float]:
     """(fraction of rows whose greedy tokens equal PEFT's, max |log-prob difference| over matching prefixes)."""
-    engine = make_engine(base, [root], engine={"max_running": 8})
+    engine = make_engine(base, [root], engine={"max_running": 8, **engine})
     rows: list[str | None] = [*ADAPTERS, None]
     prompts = [tuple(range(10 + 7 * i, 30 + 7 * i)) for i in range(len(rows))]
     try:
