@@ -9,6 +9,7 @@ continuous batching needs no padding and no cache re-layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +17,12 @@ import torch
 from loraplex.server.core.shape import ATTENTION_MODULES, MLP_MODULES
 from loraplex.server.lora.layers import LoraLinear
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import LoraKernels
+from loraplex.server.lora.ops import LoraKernels, lora_add_rows
+from loraplex.server.lora.pool import SlotPool
 from loraplex.server.model.attention import AttentionPlan, attend
 from loraplex.server.model.kv_cache import KVCache
 from loraplex.server.model.loader import LoadedBase
+from loraplex.server.model.paged_attention import DecodeAttention
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,24 @@ class StepBatch:
 
 
 @dataclass(frozen=True)
+class StaticDecode:
+    """The inputs of a static-shape decode step: one row per sequence (padded rows included), fixed sizes."""
+
+    input_ids: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B] long
+    cache_slots: torch.Tensor  # [B] long: where each row's K/V is written (padded rows: a scratch slot)
+    block_tables: torch.Tensor  # [B, W] int32
+    seq_lens: torch.Tensor  # [B] int32: keys of each row after its write
+    lora: tuple[tuple[SlotPool, torch.Tensor], ...]  # per pool of the step: [B] row slots, -1 = not this pool
+
+
+@dataclass(frozen=True)
 class StepOutput:
     logits: torch.Tensor  # [S, vocab] float32
+
+
+Project = Callable[[LoraLinear, torch.Tensor], torch.Tensor]
+AttendLayer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,28 +90,43 @@ class DecoderForward:
             wrapped |= {m: LoraLinear(getattr(layer.mlp, m), index, m, kernels) for m in MLP_MODULES}
             self.linears.append(wrapped)
 
-    @torch.inference_mode()
-    def __call__(self, batch: StepBatch) -> StepOutput:
-        rows = batch.input_ids.shape[0]
-        hidden = self.embed(batch.input_ids)  # [T, H]
-        cos, sin = self.rotary(hidden, batch.positions.unsqueeze(0))  # [1, T, head_dim]
+    def _decoder(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, project: Project, attend_layer: AttendLayer
+    ) -> torch.Tensor:
+        """The layers over ``T`` rows: ``project(linear, x)`` runs one (LoRA-aware) linear, ``attend_layer(layer, q,
+        k, v)`` writes the rows' K/V and attends; returns the last hidden states ``[T, H]`` (before the final norm)."""
+        rows = input_ids.shape[0]
+        hidden: torch.Tensor = self.embed(input_ids)  # [T, H]
+        cos, sin = self.rotary(hidden, positions.unsqueeze(0))  # [1, T, head_dim]
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
-        mapping = batch.lora
         for index, layer in enumerate(self.layers):
             linear = self.linears[index]
             x = layer.input_layernorm(hidden)
-            q = linear["q_proj"](x, mapping).view(rows, self.num_heads, self.head_dim)
-            k = linear["k_proj"](x, mapping).view(rows, self.num_kv_heads, self.head_dim)
-            v = linear["v_proj"](x, mapping).view(rows, self.num_kv_heads, self.head_dim)
+            q = project(linear["q_proj"], x).view(rows, self.num_heads, self.head_dim)
+            k = project(linear["k_proj"], x).view(rows, self.num_kv_heads, self.head_dim)
+            v = project(linear["v_proj"], x).view(rows, self.num_kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.kv.write(index, batch.cache_index, k, v)
-            attended = attend(q, self.kv.k[index], self.kv.v[index], batch.attention)
-            attended = attended.reshape(rows, self.num_heads * self.head_dim)
-            hidden = hidden + linear["o_proj"](attended, mapping)
+            attended = attend_layer(index, q, k, v).reshape(rows, self.num_heads * self.head_dim)
+            hidden = hidden + project(linear["o_proj"], attended)
             x = layer.post_attention_layernorm(hidden)
-            gated = layer.mlp.act_fn(linear["gate_proj"](x, mapping)) * linear["up_proj"](x, mapping)
-            hidden = hidden + linear["down_proj"](gated, mapping)
+            gated = layer.mlp.act_fn(project(linear["gate_proj"], x)) * project(linear["up_proj"], x)
+            hidden = hidden + project(linear["down_proj"], gated)
+        return hidden
+
+    @torch.inference_mode()
+    def __call__(self, batch: StepBatch) -> StepOutput:
+        mapping = batch.lora
+
+        def project(linear: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = linear(x, mapping)
+            return out
+
+        def attend_layer(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.kv.write(index, batch.cache_index, k, v)
+            return attend(q, self.kv.k[index], self.kv.v[index], batch.attention)
+
+        hidden = self._decoder(batch.input_ids, batch.positions, project, attend_layer)
         if batch.prompt_rows is not None and batch.prompt_blocks is not None and batch.fresh_blocks is not None:
             normed = self.norm(hidden.index_select(0, batch.prompt_rows)).float()
             self.prompt_sums.index_fill_(0, batch.fresh_blocks, 0.0)
@@ -100,6 +134,28 @@ class DecoderForward:
         final = self.norm(hidden.index_select(0, batch.sample_rows))
         logits = self.lm_head(final).float()
         return StepOutput(logits=logits)
+
+    def decode_static(self, step: StaticDecode, attention: DecodeAttention) -> torch.Tensor:
+        """The static-shape decode step (:mod:`.decode_graphs` captures it): one row per sequence, every tensor of
+        a fixed size, no host sync; each pool's LoRA through ``lora_add_rows`` over all rows (``-1`` = none);
+        returns float32 logits of every row ``[B, vocab]``. Call it under ``torch.inference_mode``."""
+
+        def project(linear: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+            y: torch.Tensor = linear.base(x)
+            for pool, row_slots in step.lora:
+                stacks = pool.a.get(linear.module)
+                if stacks is not None:
+                    lora_add_rows(y, x, stacks[linear.layer], pool.b[linear.module][linear.layer], row_slots)
+            return y
+
+        def attend_layer(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.kv.write(index, step.cache_slots, k, v)
+            k_cache, v_cache = self.kv.k[index], self.kv.v[index]
+            return attention(q, k_cache, v_cache, step.block_tables, step.seq_lens, self.kv.block_size)
+
+        hidden = self._decoder(step.input_ids, step.positions, project, attend_layer)
+        logits: torch.Tensor = self.lm_head(self.norm(hidden)).float()
+        return logits
 
     def prompt_embedding(self, blocks: list[int], prompt_tokens: int) -> tuple[float, ...]:
         """Mean final hidden state over a prompt of ``prompt_tokens`` tokens held in ``blocks`` (its table's
