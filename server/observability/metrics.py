@@ -103,7 +103,9 @@ class Metrics:
             "loraplex_adapter_evictions_total", "Idle adapters evicted from a tier", ("tier",), registry=registry
         )
         self.preemptions = Counter(
-            "loraplex_preemptions_total", "Running sequences preempted when the KV cache ran out", registry=registry
+            "loraplex_preemptions_total",
+            "Running sequences preempted (KV cache out of blocks, or a slot reclaimed for a tenant under its share)",
+            registry=registry,
         )
         self.recomputed_tokens = Counter(
             "loraplex_preempted_tokens_total",

@@ -25,7 +25,8 @@ def full_run() -> bool:
 
 
 def record(scenario: int, name: str, figure: str, goal: str, passed: bool) -> None:
-    """Appends one figure of scenario ``scenario`` (1-7, as numbered in the resilience issue) to the figures file."""
+    """Appends one figure of scenario ``scenario`` to the figures file: 1-7 as numbered in the resilience issue, 8
+    the fair-share scenario of issue 17."""
     path = os.environ.get(FIGURES_ENV)
     if not path:
         return
