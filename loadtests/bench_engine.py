@@ -13,6 +13,7 @@ the resident memory of the server (float32 and nf4 base). Prints tokens/s and th
 
     python loadtests/bench_engine.py --quick              # < 3 minutes on 2 cores
     python loadtests/bench_engine.py --json results.json  # the full workload (64 requests, 32 adapters)
+    python loadtests/bench_engine.py --max-running 64 --rate 1000 ...  # 64 requests in flight at once (GPU proof)
 """
 
 from __future__ import annotations
@@ -203,11 +204,13 @@ def warm_up(engine: Engine, adapters: Sequence[str]) -> None:
     run_loraplex(engine, jobs, use_adapters=True, tag="warm")
 
 
-def bench_shape(base: LoadedBase, shape: str, workload: Workload, skip_peft: bool, seed: int) -> list[Result]:
+def bench_shape(
+    base: LoadedBase, shape: str, workload: Workload, skip_peft: bool, seed: int, max_running: int
+) -> list[Result]:
     root, names = adapter_dir(base, shape, workload.adapters)
     jobs = workload.jobs(base.shape.vocab_size, names, seed)
     tokens = sum(job.max_new_tokens for job in jobs)
-    engine = make_engine(base, root, slots=max(workload.adapters, 8), max_running=32)
+    engine = make_engine(base, root, slots=max(workload.adapters, 8), max_running=max_running)
     try:
         warm_up(engine, names)
         results = [
@@ -227,7 +230,7 @@ def bench_shape(base: LoadedBase, shape: str, workload: Workload, skip_peft: boo
 
 
 def bench_cache_churn(
-    base: LoadedBase, workload: Workload, many: int, few: int, slots: int, seed: int
+    base: LoadedBase, workload: Workload, many: int, few: int, slots: int, seed: int, max_running: int
 ) -> dict[str, Any]:
     """The same requests over ``many`` distinct adapters through ``slots`` device slots, against ``few``."""
     root, names = adapter_dir(base, "light", many)
@@ -238,7 +241,7 @@ def bench_cache_churn(
             max(workload.requests, count), count, workload.prompt_range, workload.output_range, workload.rate
         )
         jobs = churn.jobs(base.shape.vocab_size, chosen, seed)
-        engine = make_engine(base, root, slots=slots, max_running=32)
+        engine = make_engine(base, root, slots=slots, max_running=max_running)
         try:
             warm_up(engine, chosen[:slots])
             seconds = run_loraplex(engine, jobs, True, f"churn-{label}")
@@ -289,6 +292,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--requests", type=int, help="override the workload's request count")
     parser.add_argument("--adapters", type=int, help="override the workload's distinct adapter count")
+    parser.add_argument("--rate", type=float, help="override the workload's arrival rate (requests/s)")
+    parser.add_argument("--max-running", type=int, default=32, help="engine.max_running: sequences in one batch")
     args = parser.parse_args()
 
     if args.quick:
@@ -297,19 +302,26 @@ def main() -> None:
     else:
         workload = Workload(requests=64, adapters=32, prompt_range=(16, 256), output_range=(16, 128), rate=20.0)
         churn = dict(many=512, few=8, slots=32)
-    if args.requests or args.adapters:
-        workload = replace(
-            workload, requests=args.requests or workload.requests, adapters=args.adapters or workload.adapters
-        )
+    workload = replace(
+        workload,
+        requests=args.requests or workload.requests,
+        adapters=args.adapters or workload.adapters,
+        rate=args.rate or workload.rate,
+    )
     base = load_base(ModelSettings(base_model=args.base_model))
     print(
         f"base {base.name} on {base.device} ({base.dtype}, {base.quantization}), torch threads "
         f"{torch.get_num_threads()}; workload {asdict(workload)}",
         flush=True,
     )
-    report: dict[str, Any] = {"workload": asdict(workload), "device": str(base.device), "shapes": {}}
+    report: dict[str, Any] = {
+        "workload": asdict(workload),
+        "max_running": args.max_running,
+        "device": str(base.device),
+        "shapes": {},
+    }
     for shape in args.shapes.split(","):
-        results = bench_shape(base, shape, workload, args.skip_peft, args.seed)
+        results = bench_shape(base, shape, workload, args.skip_peft, args.seed, args.max_running)
         by = {r.system: r.tokens_per_s for r in results}
         ratios = {"a/b": by["loraplex-mixed"] / by["loraplex-base"]}
         if not args.skip_peft:
@@ -322,7 +334,7 @@ def main() -> None:
         print("  ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()), flush=True)
     if not args.skip_churn:
         report["cache_churn"] = bench_cache_churn(
-            base, workload, churn["many"], churn["few"], churn["slots"], args.seed
+            base, workload, churn["many"], churn["few"], churn["slots"], args.seed, args.max_running
         )
         c = report["cache_churn"]
         print(
