@@ -53,6 +53,7 @@ def test_a_flood_keeps_the_light_tenants_p99_ttft_near_unloaded_and_loses_nothin
     )
     record(8, "accepted requests lost", str(loaded.lost + alone.lost), "0", loaded.lost + alone.lost == 0)
     assert loaded.lost == alone.lost == 0, (alone, loaded)
+    assert set(alone.light) == {"OK"}, f"the light tenant alone was refused (a stalled baseline): {alone.light}"
     assert loaded.flood.get(REFUSED, 0) > 0, f"the flood never filled the server: {loaded.flood}"
     assert set(loaded.light) == {"OK"}, f"the light tenant was refused: {loaded.light}"
     assert ratio <= P99_BOUND, f"light p99 TTFT {loaded.light_p99_ms:.0f} ms vs {alone.light_p99_ms:.0f} ms alone"
