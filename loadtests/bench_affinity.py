@@ -2,19 +2,27 @@
 
 Real ``loraplex-server`` replicas (embedded base, small per-replica adapter caches), each pinned to its own CPU
 (``taskset``) with a small batch, sit behind Debian's HAProxy running the shipped deploy/haproxy template: once as
-shipped (consistent hashing on ``x-loraplex-affinity`` with ``hash-balance-factor``), once with ``balance
-roundrobin``. A host-cache miss costs what a fetch from a remote adapter store costs (``adapters.fetch_latency_ms``
-and ``fetch_bytes_per_s``). Both policies replay the same trace: requests over many synthetic adapters with Zipf or
-uniform popularity, streamed through ``loraplex.client.AsyncClient`` by a fixed number of closed-loop workers.
-Per popularity the policies alternate in ABBA order; every round uses fresh adapter ids (hard links to the same
-weight files), so each round starts with cold adapter caches and the replicas stay up. Hit rates come from the
-replicas' ``/metrics`` (``loraplex_adapter_cache_requests_total{tier,result}``), TTFT is what the client sees.
+shipped (consistent hashing on ``x-loraplex-affinity`` with ``hash-balance-factor``;
+``haproxy-bounded-affinity@150`` names another factor), once with ``balance roundrobin``; optionally behind vLLM's
+router (``vllm-router-<its policy>``, over the replicas' OpenAI HTTP API: loadtests/vllm_router.py). A host-cache
+miss costs what a fetch from a remote adapter store costs (``adapters.fetch_latency_ms`` and ``fetch_bytes_per_s``).
+Every policy replays the same trace: requests over many synthetic adapters with Zipf or uniform popularity, streamed
+by a fixed number of closed-loop workers (``loraplex.client.AsyncClient`` over gRPC; OpenAI completions over HTTP
+for vLLM's router). Per popularity the policies alternate in ABBA order (AB BA AB ..., ABC CBA ABC ... for more);
+every round uses fresh adapter ids (hard links to the same weight files), so each round starts with cold adapter
+caches and the replicas stay up. Hit rates come from the replicas' ``/metrics``
+(``loraplex_adapter_cache_requests_total{tier,result}``), TTFT is what the client sees.
 
-The ratios (affinity ÷ round robin) come from the same run, the same replicas and the same trace, overall and per
-ABBA pair (the spread of the pairs shows how much a shared machine moved them).
+The ratios (each policy ÷ round robin: vLLM's router's policies ÷ its own round robin where that ran, else ÷
+HAProxy's) come from the same run, the same replicas and the same trace, overall and per ABBA pair (the spread of
+the pairs shows how much a shared machine moved them).
 
     .venv/bin/python loadtests/bench_affinity.py           # the BENCHMARKS.md numbers
-    .venv/bin/python loadtests/bench_affinity.py --quick   # a smoke run: one pair of short rounds per popularity
+    .venv/bin/python loadtests/bench_affinity.py --quick   # a smoke run: one short round per policy and popularity
+    .venv/bin/python loadtests/bench_affinity.py --policies haproxy-bounded-affinity@110,haproxy-bounded-affinity@150,\
+        haproxy-round-robin                                  # a sweep of the load bound
+    .venv/bin/python loadtests/bench_affinity.py --vllm-router /tmp/vr/bin/vllm-router \
+        --policies haproxy-bounded-affinity,haproxy-round-robin,vllm-router-consistent-hash,vllm-router-round-robin
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import tempfile
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.support: the server and HAProxy launchers shared with the integration tests
 
 from loadtests.synthetic_adapters import ALL_LINEAR, write_adapter  # noqa: E402
+from loadtests.vllm_router import SESSION_HEADER, VllmRouter  # noqa: E402
 from loraplex.client import AsyncClient  # noqa: E402
+from loraplex.client.affinity import AFFINITY_HEADER  # noqa: E402
 from loraplex.server.config import default_cache_dir  # noqa: E402
 from loraplex.server.core.shape import ModelShape  # noqa: E402
 from loraplex.server.model.embedded import resolve_model_dir  # noqa: E402
@@ -58,6 +69,8 @@ PROMPTS = (
     "Rewrite politely: send me the report now.",
 )
 CacheCounts = dict[tuple[str, str], float]  # (tier, result) -> requests
+VLLM_ROUTER = "vllm-router-"  # a policy named vllm-router-<its --policy, dashes for underscores>
+BASELINES = (str(Balance.ROUND_ROBIN), f"{VLLM_ROUTER}round-robin")
 
 
 @dataclass(frozen=True)
@@ -70,14 +83,16 @@ class Workload:
     concurrency: int = 6
     max_new_tokens: int = 8
     popularities: str = "zipf,uniform"  # each gets its own ABBA rounds
+    policies: str = f"{Balance.AFFINITY},{Balance.ROUND_ROBIN}"  # haproxy-bounded-affinity[@factor], vllm-router-...
     zipf: float = 1.0  # Zipf popularity of adapter i ∝ 1/(i+1)^zipf
     device_slots: int = 4  # per replica
     host_adapters: int = 8  # per replica: the host LRU holds this many adapters
     max_running: int = 4  # per replica (engine.max_running): a small batch on one core
     fetch_latency_ms: float = 50.0  # a host-cache miss: the remote store's latency ...
     fetch_mb_per_s: float = 100.0  # ... plus the weights over its bandwidth (MB/s)
-    rounds: int = 6  # ABBAAB per popularity: three pairs
-    balance_factor: int = SHIPPED_FACTOR  # HAProxy's hash-balance-factor (the template ships 125)
+    rounds: int = 3  # per policy and popularity: AB BA AB for two policies, three pairs
+    balance_factor: int = SHIPPED_FACTOR  # HAProxy's hash-balance-factor (the template ships 125) without @factor
+    vllm_router: str = "vllm-router"  # its binary, for the vllm-router-* policies
     seed: int = 7
 
 
@@ -103,9 +118,13 @@ def adapter_id(round_index: int, index: int) -> str:
     return f"r{round_index}-tenant-{index:02d}"
 
 
+def policies(load: Workload) -> list[str]:
+    return load.policies.split(",")
+
+
 def warm_up_round(load: Workload) -> int:
     """The adapter-id round of the unmeasured warm-up, after every measured round's."""
-    return load.rounds * len(load.popularities.split(","))
+    return load.rounds * len(policies(load)) * len(load.popularities.split(","))
 
 
 def write_adapters(root: Path, load: Workload) -> int:
@@ -145,31 +164,55 @@ def scrape(url: str) -> tuple[CacheCounts, float]:
     return dict(cache), served
 
 
+def stream_http(base_url: str, adapter: str, prompt: str, load: Workload) -> float:
+    """One streamed OpenAI completion: seconds to its first text chunk. Raises unless the stream ends in [DONE]."""
+    body = {"model": adapter, "prompt": prompt, "max_tokens": load.max_new_tokens, "stream": True, "ignore_eos": True}
+    headers = {"Content-Type": "application/json", AFFINITY_HEADER: adapter, SESSION_HEADER: adapter}
+    request = urllib.request.Request(f"{base_url}/v1/completions", json.dumps(body).encode(), headers)
+    started = time.perf_counter()
+    first: float | None = None
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for line in response:
+            if line.strip() == b"data: [DONE]":
+                if first is None:
+                    raise RuntimeError("a stream without text")
+                return first
+            if line.startswith(b"data:"):
+                if "choices" not in json.loads(line[5:]):
+                    raise RuntimeError(f"an error event: {line!r}")
+                first = first or time.perf_counter() - started
+    raise RuntimeError("the stream ended without [DONE]")
+
+
 async def replay(target: str, round_index: int, requests: Sequence[tuple[int, str]], load: Workload) -> Round:
-    """Closed loop: ``load.concurrency`` workers stream the requests in order; TTFT as the client sees it."""
+    """Closed loop: ``load.concurrency`` workers stream the requests in order; TTFT as the client sees it. An
+    ``http://`` target gets OpenAI completions (one thread per call), anything else gRPC."""
     result = Round(policy="")
     pending = list(requests)
-    async with AsyncClient(target, timeout=300) as client:
+    http = target.startswith("http")
+    async with AsyncExitStack() as stack:
+        client = None if http else await stack.enter_async_context(AsyncClient(target, timeout=300))
+
+        async def first_token(adapter: str, prompt: str) -> float:
+            if client is None:
+                return await asyncio.to_thread(stream_http, target, adapter, prompt, load)
+            started = time.perf_counter()
+            first: float | None = None
+            async for _chunk in client.stream(
+                prompt, adapter=adapter, max_new_tokens=load.max_new_tokens, ignore_eos=True
+            ):
+                first = first or time.perf_counter() - started
+            if first is None:
+                raise RuntimeError("a stream without chunks")
+            return first
 
         async def worker() -> None:
             while pending:
                 index, prompt = pending.pop(0)
-                started = time.perf_counter()
-                first: float | None = None
                 try:
-                    stream = client.stream(
-                        prompt,
-                        adapter=adapter_id(round_index, index),
-                        max_new_tokens=load.max_new_tokens,
-                        ignore_eos=True,
-                    )
-                    async for _chunk in stream:
-                        first = first or time.perf_counter() - started
+                    result.ttft.append(await first_token(adapter_id(round_index, index), prompt))
                 except Exception:
                     result.errors += 1
-                    continue
-                if first is not None:
-                    result.ttft.append(first)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(load.concurrency)))
@@ -177,20 +220,34 @@ async def replay(target: str, round_index: int, requests: Sequence[tuple[int, st
     return result
 
 
+@contextmanager
+def proxy(policy: str, replicas: list[ServerProcess], run_dir: Path, load: Workload) -> Iterator[str]:
+    """The front of ``policy`` for one round: the gRPC target of HAProxy, or vLLM's router's base URL."""
+    if policy.startswith(VLLM_ROUTER):
+        with VllmRouter.start(
+            load.vllm_router, run_dir, replicas, policy.removeprefix(VLLM_ROUTER).replace("-", "_")
+        ) as router:
+            yield router.url
+        return
+    balance, _, factor = policy.partition("@")
+    with HaproxyProcess.start(run_dir, replicas, Balance(balance), int(factor or load.balance_factor)) as haproxy:
+        yield haproxy.target
+
+
 def run_round(
     replicas: list[ServerProcess],
     urls: list[str],
-    policy: Balance,
+    policy: str,
     round_index: int,
     requests: Sequence[tuple[int, str]],
     load: Workload,
     run_dir: Path,
 ) -> Round:
     before = [scrape(url) for url in urls]
-    with HaproxyProcess.start(run_dir / f"haproxy-{round_index}", replicas, policy, load.balance_factor) as proxy:
-        result = asyncio.run(replay(proxy.target, round_index, requests, load))
+    with proxy(policy, replicas, run_dir / f"proxy-{round_index}", load) as target:
+        result = asyncio.run(replay(target, round_index, requests, load))
     after = [scrape(url) for url in urls]
-    result.policy = str(policy)
+    result.policy = policy
     for (old_cache, old_served), (new_cache, new_served) in zip(before, after, strict=True):
         for key, value in new_cache.items():
             result.cache[key] = result.cache.get(key, 0.0) + value - old_cache.get(key, 0.0)
@@ -257,7 +314,7 @@ RATIOS = (  # (label, summary key, higher is better)
 
 
 def ratios(affinity: list[Round], round_robin: list[Round], load: Workload) -> list[dict[str, float | str]]:
-    """Affinity ÷ round robin for each figure: over all rounds, and the lowest and highest over the ABBA pairs."""
+    """A policy ÷ round robin for each figure: over all rounds, and the lowest and highest over the ABBA pairs."""
     overall = summary(affinity, load), summary(round_robin, load)
     pairs = [(summary([a], load), summary([r], load)) for a, r in zip(affinity, round_robin, strict=True)]
     rows: list[dict[str, float | str]] = []
@@ -275,8 +332,8 @@ def ratios(affinity: list[Round], round_robin: list[Round], load: Workload) -> l
     return rows
 
 
-def ratio_table(rows: list[dict[str, float | str]]) -> str:
-    lines = ["| affinity ÷ round robin | better when | all rounds | per ABBA pair (min – max) |", "|---|---|---|---|"]
+def ratio_table(rows: list[dict[str, float | str]], policy: str, baseline: str) -> str:
+    lines = [f"| {policy} ÷ {baseline} | better when | all rounds | per ABBA pair (min – max) |", "|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['figure']} | {row['better']} | {row['ratio']:.2f}× "
@@ -285,10 +342,19 @@ def ratio_table(rows: list[dict[str, float | str]]) -> str:
     return "\n".join(lines)
 
 
-def schedule(rounds: int) -> list[Balance]:
-    """ABBA...: each policy gets the same share of early and late rounds (drift on a shared machine cancels)."""
-    order = [Balance.AFFINITY, Balance.ROUND_ROBIN]
-    return [order[(i + (i // 2)) % 2] for i in range(rounds)]
+def schedule(names: Sequence[str], rounds: int) -> list[str]:
+    """ABBA...: ``rounds`` blocks of all the policies, every other block reversed, so each policy gets the same
+    share of early and late rounds (drift on a shared machine cancels)."""
+    return [name for block in range(rounds) for name in (names if block % 2 == 0 else names[::-1])]
+
+
+def baseline(policy: str, ran: Sequence[str]) -> str | None:
+    """What ``policy`` is compared with: vLLM's router's own round robin where it ran (for its other policies),
+    else HAProxy's."""
+    if policy == BASELINES[0]:
+        return None
+    own = BASELINES[1] if policy.startswith(VLLM_ROUTER) and policy != BASELINES[1] and BASELINES[1] in ran else None
+    return own or (BASELINES[0] if BASELINES[0] in ran else None)
 
 
 def main() -> None:
@@ -296,11 +362,11 @@ def main() -> None:
     defaults = Workload()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 40 requests per popularity")
+    parser.add_argument("--quick", action="store_true", help="1 round of 40 requests per policy and popularity")
     args = parser.parse_args()
     values = {name: getattr(args, name) for name in asdict(defaults)}
     if args.quick:
-        values |= {"requests": 40, "rounds": 2}
+        values |= {"requests": 40, "rounds": 1}
     load = Workload(**values)
     popularities = load.popularities.split(",")
     cpus = [int(cpu) for cpu in load.cpus.split(",") if cpu]
@@ -327,14 +393,14 @@ def main() -> None:
             urls = [metrics_url(replica) for replica in replicas]
             # Unmeasured: the replicas' first requests (lazy initialisation) would otherwise land on round 0 alone.
             warm = trace(load, "uniform")[: 4 * load.concurrency]
-            run_round(replicas, urls, Balance.ROUND_ROBIN, warm_up_round(load), warm, load, Path(scratch))
+            run_round(replicas, urls, str(Balance.ROUND_ROBIN), warm_up_round(load), warm, load, Path(scratch))
             round_index = 0
             for popularity in popularities:
                 requests = trace(load, popularity)
                 rounds = results[popularity] = defaultdict(list)
-                for policy in schedule(load.rounds):
+                for policy in schedule(policies(load), load.rounds):
                     result = run_round(replicas, urls, policy, round_index, requests, load, Path(scratch))
-                    rounds[str(policy)].append(result)
+                    rounds[policy].append(result)
                     loads.append(os.getloadavg()[0])
                     print(
                         f"round {round_index} {popularity} {policy}: {len(result.ttft)} requests in "
@@ -345,9 +411,13 @@ def main() -> None:
                     round_index += 1
     report: dict[str, object] = {"workload": asdict(load), "load_average": loads}
     for popularity, rounds in results.items():
-        rows = [summary(rounds[str(policy)], load) for policy in (Balance.AFFINITY, Balance.ROUND_ROBIN)]
-        compared = ratios(rounds[str(Balance.AFFINITY)], rounds[str(Balance.ROUND_ROBIN)], load)
-        print(f"\n{popularity} popularity\n\n{table(rows)}\n\n{ratio_table(compared)}")
+        rows = [summary(rounds[policy], load) for policy in policies(load)]
+        print(f"\n{popularity} popularity\n\n{table(rows)}")
+        compared: dict[str, list[dict[str, float | str]]] = {}
+        for policy in policies(load):
+            if (against := baseline(policy, policies(load))) is not None:
+                compared[policy] = ratios(rounds[policy], rounds[against], load)
+                print(f"\n{ratio_table(compared[policy], policy, against)}")
         report[popularity] = {"results": rows, "ratios": compared}
     print(f"\nload average (1 min) before and after each round: {', '.join(f'{x:.1f}' for x in loads)}")
     print(json.dumps(report, indent=2))

@@ -3,18 +3,22 @@ Debian's HAProxy running the shipped deploy/haproxy template (consistent hashing
 OpenAI request's ``model``, with ``hash-balance-factor``), traffic through ``loraplex.client`` and the HTTP API.
 The same adapter always lands on the same replica, over gRPC and HTTP alike, until that replica is over the load
 bound: then the overflow spills onto another replica. Killing a replica under load moves only its adapters, fails
-only the requests in flight on it (UNAVAILABLE), and the client's retries of those succeed. Also: the image's
+exactly the attempts that were in flight on it (UNAVAILABLE; as many as HAProxy counted on it when it froze, while
+every attempt HAProxy's request log puts on a survivor succeeded and the survivors' own counters agree), and the
+client's retries of those succeed. Also: the image's
 HEALTHCHECK command against a real server."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,20 +145,47 @@ def test_the_images_health_check_command_says_serving_or_fails(fleet: Fleet) -> 
     assert run(free_port()) == 1  # nothing listens there
 
 
+@dataclass(frozen=True)
+class Attempt:
+    request_id: str  # sent as x-request-id: HAProxy's log line for the attempt names it and the replica
+    adapter: str
+    code: grpc.StatusCode
+    started: float  # time.monotonic()
+    ended: float
+
+
+class TaggedDetails(grpc.ClientCallDetails):
+    """``details`` with one more metadata entry."""
+
+    def __init__(self, details: grpc.ClientCallDetails, key: str, value: str) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = [*(details.metadata or ()), (key, value)]
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = details.compression
+
+
 class AttemptLog(grpc.UnaryUnaryClientInterceptor):
-    """Every attempt of every unary call: its affinity key and status code (the client's retries included)."""
+    """Every attempt of every unary call (the client's retries included), each sent with an x-request-id of its
+    own: its adapter, status code and when it started and ended."""
 
     def __init__(self) -> None:
-        self.attempts: list[tuple[str | None, grpc.StatusCode]] = []
+        self.attempts: list[Attempt] = []
+        self._ids = iter(range(1 << 30))
         self._lock = threading.Lock()
 
     def intercept_unary_unary(
         self, continuation: Callable[[Any, Any], Any], details: grpc.ClientCallDetails, request: Any
     ) -> Any:
-        outcome = continuation(details, request)
-        key = dict(details.metadata or ()).get(AFFINITY_HEADER)
         with self._lock:
-            self.attempts.append((None if key is None else str(key), outcome.code()))
+            request_id = f"attempt-{next(self._ids)}"
+        adapter = str(dict(details.metadata or ()).get(AFFINITY_HEADER))
+        started = time.monotonic()
+        outcome = continuation(TaggedDetails(details, "x-request-id", request_id), request)
+        code = outcome.code()
+        with self._lock:
+            self.attempts.append(Attempt(request_id, adapter, code, started, time.monotonic()))
         return outcome
 
 
@@ -194,13 +225,22 @@ class Load:
                     self.finished.append(adapter)
 
 
-def server_errors(proxy: HaproxyProcess) -> dict[str, int]:
-    """Per gRPC server (r0, r1, ...): responses that failed there (HAProxy's eresp, srv_abrt and 5xx counters)."""
-    return {
-        server: sum(int(row[name] or 0) for name in ("eresp", "srv_abrt", "hrsp_5xx"))
-        for (backend, server), row in proxy.stats().items()
-        if backend == "loraplex_grpc" and server.startswith("r")
-    }
+def replica_of_each_answer(proxy: HaproxyProcess, answered: list[Attempt], timeout: float = 10.0) -> dict[str, int]:
+    """Request id -> index of the replica HAProxy's log says answered it, once the log has a line for every attempt
+    in ``answered``. (HAProxy 2.6 writes no line for a stream its server's death cut off.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = proxy.servers_by_request_id()
+        missing = [a.request_id for a in answered if a.request_id not in found]
+        if not missing:
+            return {request_id: int(server.removeprefix("r")) for request_id, server in found.items()}
+        assert time.monotonic() < deadline, f"HAProxy logged no line for {missing}:\n{proxy.log()}"
+        time.sleep(0.1)
+
+
+def streams_on(proxy: HaproxyProcess, replica: int) -> int:
+    """The calls HAProxy has in flight on gRPC server r<replica> now (``scur``)."""
+    return int(proxy.stats()[("loraplex_grpc", f"r{replica}")]["scur"])
 
 
 def rotated(items: list[str], start: int) -> list[str]:
@@ -228,7 +268,6 @@ def test_a_killed_replica_moves_only_its_adapters_and_only_its_in_flight_request
     victim = max(range(REPLICAS), key=lambda index: sum(1 for owner in placement.values() if owner == index))
     victims_adapters = {adapter for adapter, owner in placement.items() if owner == victim}
 
-    errors_before = server_errors(fleet.proxy)
     log = AttemptLog()
     with RecordingClient(fleet.proxy.target, log) as client:
         load = Load(client)
@@ -238,23 +277,40 @@ def test_a_killed_replica_moves_only_its_adapters_and_only_its_in_flight_request
         assert others, f"every adapter landed on one replica: {placement}"
         shares = [rotated(victims if n % 2 == 0 else others, n) for n in range(WORKERS)]
         workers = [threading.Thread(target=load.worker, args=(shares[n], deadline)) for n in range(WORKERS)]
+        served_before = served(fleet.replicas)
         for worker in workers:
             worker.start()
         wait_for_running_requests(fleet.replicas[victim])
+        fleet.replicas[victim].process.send_signal(signal.SIGSTOP)  # frozen: nothing running there can finish now
+        frozen_at = time.monotonic()
+        on_victim = streams_on(fleet.proxy, victim)
         fleet.replicas[victim].kill()  # SIGKILL mid-load: no drain, connections just die
+        killed_at = time.monotonic()
         for worker in workers:
             worker.join(LOAD_DEADLINE_S + 60)
     assert not load.failed, f"calls failed for good: {load.failed}"
     assert len(load.finished) == WORKERS * CALLS_PER_WORKER
-    failed_attempts = [(key, code) for key, code in log.attempts if code != grpc.StatusCode.OK]
-    assert failed_attempts, "no request was in flight on the killed replica"
-    assert {code for _, code in failed_attempts} == {grpc.StatusCode.UNAVAILABLE}, failed_attempts
-    # Bounded load may put another adapter's request on the victim, so the adapter does not say where a call ran:
-    # HAProxy's per-server counters do. No response failed on a surviving replica. (The victim's own counters stay
-    # 0 as well: HAProxy 2.6 books the calls cut off there on no server.)
-    errors = {server: count - errors_before[server] for server, count in server_errors(fleet.proxy).items()}
-    assert set(errors) == {f"r{index}" for index in range(REPLICAS)}, errors
-    assert not any(count for server, count in errors.items() if server != f"r{victim}"), errors
+
+    # Bounded load may put any adapter's call on the victim, so the adapter does not say where a call ran: HAProxy's
+    # log line for the attempt's x-request-id does, for every answered attempt.
+    answered = [a for a in log.attempts if a.code == grpc.StatusCode.OK]
+    failed = [a for a in log.attempts if a.code != grpc.StatusCode.OK]
+    ran_on = replica_of_each_answer(fleet.proxy, answered)
+    assert failed, "no request was in flight on the killed replica"
+    assert {a.code for a in failed} == {grpc.StatusCode.UNAVAILABLE}, failed
+    # The failures are the calls in flight on the victim: as many as HAProxy had there when it froze, each in flight
+    # then (sent before the SIGKILL, not done at the SIGSTOP), none answered by anyone.
+    assert len(failed) == on_victim, f"{len(failed)} attempts failed, HAProxy had {on_victim} on r{victim}"
+    for attempt in failed:
+        assert attempt.started < killed_at and attempt.ended > frozen_at, attempt
+        assert attempt.request_id not in ran_on, (
+            f"{attempt} failed but HAProxy logged it on r{ran_on[attempt.request_id]}"
+        )
+    # Everything HAProxy sent a survivor succeeded, and what the survivors say they served is exactly that.
+    delta = served_since(served_before, served(fleet.replicas))
+    for index in (index for index in range(REPLICAS) if index != victim):
+        sent = Counter(a.adapter for a in answered if ran_on[a.request_id] == index)
+        assert sent == Counter(delta[index]), f"r{index}: HAProxy sent {dict(sent)}, it served {delta[index]}"
 
     # Afterwards: the victim's adapters live on survivors; every other adapter stayed where it was.
     before = served(fleet.replicas)

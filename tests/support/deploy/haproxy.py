@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,8 @@ BALANCE_LINES = ("balance hdr(x-loraplex-affinity)", "balance hash var(txn.affin
 SHIPPED_FACTOR = 125
 HASH_LINES = ("hash-type consistent", f"hash-balance-factor {SHIPPED_FACTOR}")
 START_TIMEOUT_S = 20.0
+# One line per request (the template's log-format): frontend, backend/server, ..., the caller's x-request-id.
+LOG_LINE = re.compile(r"^\S+ (?P<backend>\S+)/(?P<server>\S+) status=(?P<status>-?\d+) .* request_id=(?P<id>\S+) ")
 Upstream = tuple[str, str]  # a replica's gRPC and HTTP host:port
 
 
@@ -140,6 +143,15 @@ class HaproxyProcess:
     def log(self) -> str:
         path = self.run_dir / "haproxy.out"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def servers_by_request_id(self) -> dict[str, str]:
+        """From HAProxy's request log: x-request-id -> the server (r0, r1, ...) that HAProxy finally sent the
+        request to (after any redispatch), for the requests that carried the header and have finished."""
+        found: dict[str, str] = {}
+        for line in (self.run_dir / "haproxy.out").read_text(errors="replace").splitlines():
+            if (match := LOG_LINE.match(line)) and match["id"] != "-":
+                found[match["id"]] = match["server"]
+        return found
 
     def stats(self) -> dict[tuple[str, str], dict[str, str]]:
         """``show stat`` on the stats socket: (backend, server) -> its counters (eresp, srv_abrt, hrsp_5xx, ...)."""

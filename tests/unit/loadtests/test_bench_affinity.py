@@ -1,16 +1,25 @@
-"""The affinity benchmark's pure logic: the ABBA order of the policies and the two popularities of its trace."""
+"""The affinity benchmark's pure logic: the ABBA order of the policies, what each is compared with, and the two
+popularities of its trace."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from loadtests.bench_affinity import Workload, schedule, trace
-from tests.support.deploy.haproxy import Balance
+from loadtests.bench_affinity import Workload, baseline, schedule, trace
 
 
 def test_rounds_alternate_abba_so_each_policy_gets_early_and_late_rounds() -> None:
-    a, b = Balance.AFFINITY, Balance.ROUND_ROBIN
-    assert schedule(6) == [a, b, b, a, a, b]
+    assert schedule(["a", "b"], 3) == ["a", "b", "b", "a", "a", "b"]
+    assert schedule(["a", "b", "c"], 2) == ["a", "b", "c", "c", "b", "a"]
+
+
+def test_each_policy_is_compared_with_the_round_robin_of_its_own_proxy_where_that_ran() -> None:
+    ran = ["haproxy-bounded-affinity@150", "haproxy-round-robin", "vllm-router-consistent-hash"]
+    assert [baseline(policy, ran) for policy in ran] == ["haproxy-round-robin", None, "haproxy-round-robin"]
+    ran.append("vllm-router-round-robin")
+    assert baseline("vllm-router-consistent-hash", ran) == "vllm-router-round-robin"
+    assert baseline("vllm-router-round-robin", ran) == "haproxy-round-robin"
+    assert baseline("haproxy-bounded-affinity", ["haproxy-bounded-affinity", "vllm-router-round-robin"]) is None
 
 
 def test_the_trace_repeats_per_popularity_and_zipf_is_skewed_where_uniform_is_not() -> None:
