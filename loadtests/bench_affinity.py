@@ -3,7 +3,7 @@
 Real ``loraplex-server`` replicas (embedded base, small per-replica adapter caches), each pinned to its own CPU
 (``taskset``) with a small batch, sit behind Debian's HAProxy running the shipped deploy/haproxy template: once as
 shipped (consistent hashing on ``x-loraplex-affinity`` with ``hash-balance-factor``;
-``haproxy-bounded-affinity@150`` names another factor), once with ``balance roundrobin``; optionally behind vLLM's
+``haproxy-bounded-affinity@125`` names another factor), once with ``balance roundrobin``; optionally behind vLLM's
 router (``vllm-router-<its policy>``, over the replicas' OpenAI HTTP API: loadtests/vllm_router.py). A host-cache
 miss costs what a fetch from a remote adapter store costs (``adapters.fetch_latency_ms`` and ``fetch_bytes_per_s``).
 Every policy replays the same trace: requests over many synthetic adapters with Zipf or uniform popularity, streamed
@@ -19,7 +19,7 @@ the pairs shows how much a shared machine moved them).
 
     .venv/bin/python loadtests/bench_affinity.py           # the BENCHMARKS.md numbers
     .venv/bin/python loadtests/bench_affinity.py --quick   # a smoke run: one short round per policy and popularity
-    .venv/bin/python loadtests/bench_affinity.py --policies haproxy-bounded-affinity@110,haproxy-bounded-affinity@150,\
+    .venv/bin/python loadtests/bench_affinity.py --policies haproxy-bounded-affinity@110,haproxy-bounded-affinity@125,\
         haproxy-round-robin                                  # a sweep of the load bound
     .venv/bin/python loadtests/bench_affinity.py --vllm-router /tmp/vr/bin/vllm-router \
         --policies haproxy-bounded-affinity,haproxy-round-robin,vllm-router-consistent-hash,vllm-router-round-robin
@@ -79,7 +79,7 @@ class Workload:
     cpus: str = "0,1"  # replica i runs on CPU cpus[i % n] (taskset); "" = unpinned
     adapters: int = 24
     rank: int = 16
-    requests: int = 96  # per round
+    requests: int = 192  # per round (96 left the cold start of each round a large share of it)
     concurrency: int = 6
     max_new_tokens: int = 8
     popularities: str = "zipf,uniform"  # each gets its own ABBA rounds
@@ -91,7 +91,7 @@ class Workload:
     fetch_latency_ms: float = 50.0  # a host-cache miss: the remote store's latency ...
     fetch_mb_per_s: float = 100.0  # ... plus the weights over its bandwidth (MB/s)
     rounds: int = 3  # per policy and popularity: AB BA AB for two policies, three pairs
-    balance_factor: int = SHIPPED_FACTOR  # HAProxy's hash-balance-factor (the template ships 125) without @factor
+    balance_factor: int = SHIPPED_FACTOR  # HAProxy's hash-balance-factor (the template ships 150) without @factor
     vllm_router: str = "vllm-router"  # its binary, for the vllm-router-* policies
     seed: int = 7
 

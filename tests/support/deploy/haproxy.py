@@ -21,7 +21,7 @@ from tests.support.server_process import ServerProcess
 
 TEMPLATE = DEPLOY / "haproxy" / "loraplex-affinity.cfg.template"
 BALANCE_LINES = ("balance hdr(x-loraplex-affinity)", "balance hash var(txn.affinity)")
-SHIPPED_FACTOR = 125
+SHIPPED_FACTOR = 150
 HASH_LINES = ("hash-type consistent", f"hash-balance-factor {SHIPPED_FACTOR}")
 START_TIMEOUT_S = 20.0
 # One line per request (the template's log-format): frontend, backend/server, ..., the caller's x-request-id.
