@@ -5,8 +5,7 @@ The same adapter always lands on the same replica, over gRPC and HTTP alike, unt
 bound: then the overflow spills onto another replica. Killing a replica under load moves only its adapters, fails
 exactly the attempts that were in flight on it (UNAVAILABLE; as many as HAProxy counted on it when it froze, while
 every attempt HAProxy's request log puts on a survivor succeeded and the survivors' own counters agree), and the
-client's retries of those succeed. Also: the image's
-HEALTHCHECK command against a real server."""
+client's retries of those succeed. Also: the image's HEALTHCHECK command against a real server."""
 
 from __future__ import annotations
 
