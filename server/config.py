@@ -188,6 +188,20 @@ class EngineSettings(_Section):
         "gather or triton forces one (grouped is refused where torch lacks grouped_mm for the device and dtype, "
         "triton where there is no CUDA device or no triton package)",
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="decode-only steps through the static decode step (server/model/decode_graphs.py): padded to a "
+        "batch-size bucket, LoRA row slots and block tables in one static buffer, captured as a CUDA graph per "
+        "bucket and pool set on CUDA; auto = on on CUDA, off on CPU (where the static step runs eagerly and is "
+        "slower than the eager path: loadtests/BENCHMARKS.md); on on CPU runs it eagerly (for tests); steps it "
+        "cannot take (any prefill row, a DoRA adapter, more rows than cuda_graph_max_rows) run eagerly",
+    )
+    cuda_graph_max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="largest decode step (rows) the static decode step takes, its largest bucket (each bucket's "
+        "graph holds its own activations); unset = max_running",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -47,7 +47,7 @@ from loraplex.server.core.types import (
     TokenDelta,
     Usage,
 )
-from loraplex.server.engine.batch import build_step
+from loraplex.server.engine.batch import build_decode, build_step
 from loraplex.server.engine.constraints import ConstraintCompiler
 from loraplex.server.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from loraplex.server.engine.fairness import InFlight
@@ -59,10 +59,12 @@ from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.ops import lora_stack_dtype, select_kernels
 from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.lora.sources import AdapterRoots, StoreCost
+from loraplex.server.model.decode_graphs import DecodeGraphs, graphs_wanted
 from loraplex.server.model.dora import dora_scales_for
 from loraplex.server.model.forward import DecoderForward
 from loraplex.server.model.kv_cache import KVCache
 from loraplex.server.model.loader import LoadedBase
+from loraplex.server.model.paged_attention import DecodeAttentionChoice, choose_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,20 @@ class Engine:
         )
         self.lora_kernels = select_kernels(base.device, lora_dtype, eng.lora_kernel)
         self.forward = DecoderForward(base, self.kv, self.lora_kernels)
+        self.decode_attention: DecodeAttentionChoice | None = None
+        self.graphs: DecodeGraphs | None = None  # the static decode step (engine.cuda_graphs), None = eager only
+        if graphs_wanted(eng.cuda_graphs, base.device):
+            self.decode_attention = choose_decode_attention(
+                base.device,
+                self.kv.k[0].dtype,
+                shape.num_heads,
+                shape.num_kv_heads,
+                shape.head_dim,
+                self.kv.block_size,
+                self.kv.blocks_for(eng.max_seq_len),
+            )
+            max_rows = min(eng.cuda_graph_max_rows or eng.max_running, eng.max_running)
+            self.graphs = DecodeGraphs(self.forward, max_rows, eng.max_seq_len, self.decode_attention.attend)
         self.scheduler = Scheduler(eng, self.kv, self.adapters)
         self.tokenizer = base.tokenizer
         self._backend_tokenizer = base.tokenizer.backend_tokenizer
@@ -237,13 +253,21 @@ class Engine:
         self.adapters.add_load_listener(self._wake.set)
         self.steps = 0
         log.info(
-            "engine ready: LoRA kernels %s over %s slot stacks, KV cache %d tokens in blocks of %d (%.0f MiB)",
+            "engine ready: LoRA kernels %s over %s slot stacks, KV cache %d tokens in blocks of %d (%.0f MiB), "
+            "decode %s",
             self.lora_kernels.describe(),
             str(self.slots.dtype).removeprefix("torch."),
             self.kv.capacity,
             self.kv.block_size,
             self.kv.nbytes / 2**20,
+            self.describe_decode(),
         )
+
+    def describe_decode(self) -> str:
+        """How decode-only steps run: the static step (graphs or eager, its buckets and counts) and its attention."""
+        if self.graphs is None or self.decode_attention is None:
+            return "eager (engine.cuda_graphs off)"
+        return f"{self.graphs.describe()}, decode attention {self.decode_attention.name}"
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -636,17 +660,30 @@ class Engine:
                 except EngineError as error:
                     self._fail(seq, error)
 
+    def _step_logits(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, tuple[ScheduledChunk, ...], tuple[ScheduledChunk, ...]]:
+        """The step's logits of its sampled chunks, its chunks in batch order and the sampled ones in logits order:
+        through the static decode step where it is on and takes the step, else the eager forward."""
+        if self.graphs is not None:
+            decode = build_decode(chunks, self.kv)
+            if decode is not None and self.graphs.accepts(decode.rows):
+                logits = self.graphs.run(decode.rows)
+                if logits is not None:
+                    return logits, decode.chunks, decode.chunks
+        built = build_step(chunks, self.kv, self.base.device)
+        return self.forward(built.batch).logits, built.chunks, built.sampled
+
     def _run_step(self, chunks: list[ScheduledChunk]) -> None:
         started = time.perf_counter()
-        built = build_step(chunks, self.kv, self.base.device)
-        output = self.forward(built.batch)
+        logits, ordered, sampled = self._step_logits(chunks)
         self.steps += 1
         adapters = {id(chunk.seq.adapter) for chunk in chunks if chunk.seq.adapter is not None}
-        tokens, logprobs = sample(output.logits, [chunk.seq.sampler for chunk in built.sampled])
-        for chunk in built.chunks:
+        tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in sampled])
+        for chunk in ordered:
             chunk.seq.num_computed += chunk.num_tokens
             self.scheduler.computed(chunk.seq, chunk.num_tokens)
-        for chunk, token, logprob in zip(built.sampled, tokens, logprobs, strict=True):
+        for chunk, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             if math.isfinite(logprob):
                 self._emit(chunk.seq, token, logprob)
             else:
@@ -753,6 +790,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         "lora_kernels": engine.lora_kernels.describe(),
         "lora_dtype": str(engine.slots.dtype).removeprefix("torch."),
         "attention": "paged: one SDPA call per layer (padded or flat layout per step)",
+        "decode_step": engine.describe_decode(),
         "kv_cache_tokens": engine.kv.capacity,
         "kv_block_size": engine.kv.block_size,
         "prefix_cache": engine.settings.engine.prefix_cache,

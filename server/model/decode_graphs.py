@@ -8,25 +8,34 @@ everywhere), then the block table (``W`` = blocks of ``engine.max_seq_len``). On
 graph unpacks it and runs :meth:`DecoderForward.decode_static` (``lora_add_rows`` per pool and module, the chosen
 paged decode attention of :mod:`.paged_attention`), and the logits of the real rows are read from its static output.
 Padded rows read token 0 at position 0, write their K/V to a scratch block taken from the KV cache for good
-(so ``kv_cache_usage_ratio`` counts one block more) and read only it; their logits are dropped.
+(so ``kv_cache_usage_ratio`` counts one block more) and read only it; their logits are dropped. The host buffer is
+written in place through a numpy view, and a row's block table only where it grew since the last step (a row that
+keeps its sequence's table list appends its new blocks; columns past a row's table keep stale but valid block ids,
+which no row reads: its ``seq_lens`` stops it). On CPU the step reads only the table columns its longest row uses.
 
 On CUDA a graph is captured per (bucket, the step's pools) on first use: two warm-up runs on a side stream with
 every row padded (only the scratch block is written), then capture into one memory pool shared by all graphs. A
-graph remembers the pools' stack tensors it was captured over; a pool whose stacks were reallocated since (grown,
-cut) gets a new capture. On CPU the same static step runs eagerly (what makes it testable here).
+graph remembers (weakly, so a dropped pool's stacks are freed) the pools' stack tensors it was captured over; a
+pool whose stacks were reallocated since (grown, cut) gets a new capture, and captures over freed stacks are
+dropped. On CPU the same static step runs eagerly (what makes it testable here). ``engine.cuda_graphs``
+(:func:`graphs_wanted`) turns it on: ``auto`` on CUDA only.
 
 Steps the caller keeps on the eager :class:`DecoderForward` path (:meth:`DecodeGraphs.accepts` says no): any prefill
 chunk or prompt row (not built as :class:`DecodeRows`), more rows than the largest bucket, a block table wider than
-``W``, a DoRA pool among the step's adapters, and on CUDA a (bucket, pools) whose capture failed (logged once).
+``W``, a DoRA pool among the step's adapters, and on CUDA a (bucket, pools) whose capture failed (logged once;
+:meth:`DecodeGraphs.run` returns None for the step whose capture failed, so it too runs eagerly).
 Structured output is not a fallback: constraints apply in the sampler, after these logits.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import torch
 
 from loraplex.server.lora.pool import SlotPool
@@ -37,6 +46,12 @@ log = logging.getLogger(__name__)
 
 _FIXED_COLUMNS = 4  # token, position, cache slot, keys after the write
 MAX_GRAPHS = 64  # captures kept before all are dropped and recaptured as used
+
+
+def graphs_wanted(setting: Literal["auto", "on", "off"], device: torch.device) -> bool:
+    """Whether the engine runs decode-only steps through :class:`DecodeGraphs`: ``auto`` where ``device`` is CUDA
+    (on CPU the eager step is faster: measured in loadtests/BENCHMARKS.md)."""
+    return device.type == "cuda" if setting == "auto" else setting == "on"
 
 
 def decode_buckets(max_rows: int) -> tuple[int, ...]:
@@ -76,16 +91,20 @@ def _first_stack(pool: SlotPool) -> torch.Tensor:
 class _Static:
     """One bucket and pool set: its input buffers, output and (on CUDA) graph."""
 
-    pools: tuple[SlotPool, ...]
-    stacks: tuple[torch.Tensor, ...]  # _first_stack of each pool at capture
+    stacks: tuple[weakref.ref[torch.Tensor], ...]  # _first_stack of each pool at capture
     host: torch.Tensor  # [B, columns] int64 (pinned on CUDA)
-    staging: torch.Tensor  # the same on the device
+    staging: torch.Tensor  # the same on the device (the host buffer itself on CPU)
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     failed: bool = False
+    filled: int = 0  # real rows the host buffer holds (rows past them hold padding)
+    tables: list[tuple[Sequence[int] | None, int]] = field(default_factory=list)  # per row: table list, blocks written
 
-    def current(self) -> bool:
-        return all(_first_stack(p) is s for p, s in zip(self.pools, self.stacks, strict=True))
+    def current(self, pools: tuple[SlotPool, ...]) -> bool:
+        return all(_first_stack(p) is s() for p, s in zip(pools, self.stacks, strict=True))
+
+    def alive(self) -> bool:
+        return all(s() is not None for s in self.stacks)
 
 
 class DecodeGraphs:
@@ -106,6 +125,12 @@ class DecodeGraphs:
         self._statics: dict[tuple[int, tuple[int, ...]], _Static] = {}
         self._memory = torch.cuda.graph_pool_handle() if self.capture else None
         self.captures = 0  # graphs captured since start (tests and logs)
+        self.steps = 0  # steps run by the static path since start
+
+    def describe(self) -> str:
+        how = "CUDA graphs" if self.capture else "run eagerly"
+        buckets = ",".join(map(str, self.buckets))
+        return f"static decode step ({how}) over buckets {buckets}: {self.steps} steps, {self.captures} captures"
 
     def accepts(self, rows: DecodeRows) -> bool:
         if not rows.input_ids or len(rows.input_ids) > self.buckets[-1]:
@@ -134,76 +159,96 @@ class DecodeGraphs:
         host = torch.tensor([self._padding(columns)] * bucket, dtype=torch.long)
         if self.capture:
             host = host.pin_memory()
-        staging = host.to(self.device)
-        return _Static(pools, tuple(_first_stack(p) for p in pools), host, staging)
+        staging = host.to(self.device) if self.capture else host
+        return _Static(tuple(weakref.ref(_first_stack(p)) for p in pools), host, staging, tables=[(None, 0)] * bucket)
 
-    def _body(self, static: _Static) -> torch.Tensor:
-        staging, count = static.staging, len(static.pools)
+    def _body(self, static: _Static, pools: tuple[SlotPool, ...], width: int) -> torch.Tensor:
+        staging, start = static.staging, _FIXED_COLUMNS + len(pools)
         step = StaticDecode(
             input_ids=staging[:, 0].contiguous(),
             positions=staging[:, 1].contiguous(),
             cache_slots=staging[:, 2].contiguous(),
             seq_lens=staging[:, 3].to(torch.int32),
-            lora=tuple((pool, staging[:, _FIXED_COLUMNS + i].contiguous()) for i, pool in enumerate(static.pools)),
-            block_tables=staging[:, _FIXED_COLUMNS + count :].to(torch.int32),
+            lora=tuple((pool, staging[:, _FIXED_COLUMNS + i].contiguous()) for i, pool in enumerate(pools)),
+            block_tables=staging[:, start : start + width].to(torch.int32),
         )
         return self.forward.decode_static(step, self.attention)
 
-    def _capture(self, static: _Static) -> None:
+    def _capture(self, static: _Static, pools: tuple[SlotPool, ...]) -> None:
         """Warm-up and capture with every row padded (the staging holds padding until the first real step)."""
         side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._body(static)
+                self._body(static, pools, self.width)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._memory):
-            static.logits = self._body(static)
+            static.logits = self._body(static, pools, self.width)
         static.graph = graph
         self.captures += 1
 
-    def _static_for(self, rows: DecodeRows) -> _Static:
-        pools = rows.pools()
+    def _static_for(self, rows: DecodeRows, pools: tuple[SlotPool, ...]) -> _Static:
         key = self._key(len(rows.input_ids), pools)
         static = self._statics.get(key)
-        if static is not None and static.current():
+        if static is not None and static.current(pools):
             return static
         if len(self._statics) >= MAX_GRAPHS:
             self._statics.clear()
+        for stale in [k for k, s in self._statics.items() if not s.alive()]:  # over stacks freed since
+            del self._statics[stale]
         static = self._statics[key] = self._new_static(key[0], pools)
         if self.capture:
             try:
-                self._capture(static)
+                self._capture(static, pools)
             except Exception:
                 static.failed = True
                 log.exception("CUDA graph capture of a %d-row decode step failed: eager for it from now on", key[0])
-                raise
         return static
 
-    @torch.inference_mode()
-    def run(self, rows: DecodeRows) -> torch.Tensor:
-        """Float32 logits ``[len(rows), vocab]`` of a step :meth:`accepts` took."""
-        static = self._static_for(rows)
-        column = {id(pool): _FIXED_COLUMNS + i for i, pool in enumerate(static.pools)}
-        count = len(rows.input_ids)
-        padding = self._padding(static.host.shape[1])
-        table: list[list[int]] = []
-        for i in range(count):
-            row = list(padding)
-            row[0:3] = rows.input_ids[i], rows.positions[i], rows.cache_slots[i]
-            row[3] = rows.positions[i] + 1
-            adapter = rows.adapters[i]
+    def _fill(self, static: _Static, rows: DecodeRows, pools: tuple[SlotPool, ...]) -> int:
+        """Writes the step's rows into the host buffer in place; returns the table columns its longest row uses."""
+        count, host = len(rows.input_ids), static.host.numpy()
+        positions = np.asarray(rows.positions, dtype=np.int64)
+        host[:count, 0] = rows.input_ids
+        host[:count, 1] = positions
+        host[:count, 2] = rows.cache_slots
+        host[:count, 3] = positions + 1
+        start = _FIXED_COLUMNS + len(pools)
+        host[:count, _FIXED_COLUMNS:start] = -1
+        column = {id(pool): _FIXED_COLUMNS + i for i, pool in enumerate(pools)}
+        for i, adapter in enumerate(rows.adapters):
             if adapter is not None:
-                row[column[id(adapter[0])]] = adapter[1]
-            blocks = rows.block_tables[i]
-            start = _FIXED_COLUMNS + len(static.pools)
-            row[start : start + len(blocks)] = blocks
-            table.append(row)
-        static.host[:count] = torch.tensor(table, dtype=torch.long)
-        static.host[count:] = torch.tensor(padding, dtype=torch.long)
-        static.staging.copy_(static.host, non_blocking=True)
+                host[i, column[id(adapter[0])]] = adapter[1]
+        width = 1
+        for i, blocks in enumerate(rows.block_tables):
+            kept, written = static.tables[i]
+            size = len(blocks)
+            if kept is not blocks or size < written:
+                written = 0
+            if size > written:
+                host[i, start + written : start + size] = blocks[written:]
+            static.tables[i] = (blocks, size)
+            width = max(width, size)
+        if static.filled > count:
+            host[count : static.filled] = self._padding(host.shape[1])
+            static.tables[count : static.filled] = [(None, 0)] * (static.filled - count)
+        static.filled = count
+        return width
+
+    @torch.inference_mode()
+    def run(self, rows: DecodeRows) -> torch.Tensor | None:
+        """Float32 logits ``[len(rows), vocab]`` of a step :meth:`accepts` took; None when its capture failed just
+        now (the caller runs it eagerly, as every later step of that bucket and pool set)."""
+        pools = rows.pools()
+        static = self._static_for(rows, pools)
+        if static.failed:
+            return None
+        width = self._fill(static, rows, pools)
+        count = len(rows.input_ids)
+        self.steps += 1
         if static.graph is not None and static.logits is not None:
+            static.staging.copy_(static.host, non_blocking=True)
             static.graph.replay()
             return static.logits[:count]
-        return self._body(static)[:count]
+        return self._body(static, pools, width)[:count]

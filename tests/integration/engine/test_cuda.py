@@ -1,4 +1,5 @@
-"""CUDA paths (run with ``-m gpu`` on a GPU machine): LoRA backends, and the engine against PEFT on the device.
+"""CUDA paths (run with ``-m gpu`` on a GPU machine): LoRA backends, the engine against PEFT on the device, and the
+engine's CUDA-graph decode steps against its eager ones.
 
 Random-weight Llama bases (no downloads); float32 for exact agreement, nf4 with bfloat16 compute (the CUDA
 default) for agreement within bfloat16 rounding.
@@ -15,6 +16,7 @@ import torch
 from loadtests.random_model import write_random_llama
 from loraplex.server.config import ModelSettings
 from loraplex.server.core.types import GenerationRequest, SamplingParams
+from loraplex.server.engine.engine import Engine, describe
 from loraplex.server.lora.copy_stream import CudaCopyStream
 from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.ops import LoraBackend, lora_add_triton, lora_delta, lora_delta_reference, select_kernels
@@ -268,3 +270,73 @@ def test_engine_on_cuda_with_adapters_churning_through_two_slots_matches_peft(
     agreement, worst = _compare(base, tmp_path, peft, adapters={"device_slots": 2})
     print(f"float32 on CUDA, 2 device slots: token agreement {agreement:.2f}, max |dlogprob| {worst:.2e}")
     assert agreement == 1.0 and worst <= 1e-3
+
+
+def _greedy(engine: Engine, names: list[str | None], first: int = 0) -> list[tuple[list[int], list[float]]]:
+    """(tokens, log-probabilities) of one greedy request per adapter name (None: base), prompts by position."""
+    prompts = [tuple(range(10 + 7 * i, 30 + 7 * i)) for i in range(first, first + len(names))]
+    outcomes = run_all(
+        engine,
+        [
+            GenerationRequest(
+                request_id=f"r{first + i}",
+                prompt_token_ids=p,
+                adapter_id=name,
+                sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True, ignore_eos=True),
+            )
+            for i, (name, p) in enumerate(zip(names, prompts, strict=True))
+        ],
+    )
+    for outcome in outcomes:
+        assert outcome.error is None, outcome.error
+    return [(outcome.token_ids, outcome.logprobs) for outcome in outcomes]
+
+
+def test_engine_cuda_graph_replay_matches_eager_over_mixed_adapters_and_a_pool_reallocation(
+    random_base: Path, tmp_path: Path
+) -> None:
+    """Graphs captured per bucket and pool set and replayed: the same greedy tokens as cuda_graphs=off for decode
+    steps mixing two adapters of one pool, one of another and base rows (SGLang #28371's case); then a rank-32
+    adapter's pool takes bytes cut from the first pool's free tail (its stacks reallocated), and the same rows
+    again replay a graph recaptured over the new stacks, still right (a stale graph would read freed memory)."""
+    base = load_base(ModelSettings(base_model=str(random_base), device="cuda", quantization="none", dtype="float32"))
+    adapters: dict[str, dict[str, Any]] = {
+        "qv-r8": {"rank": 8, "targets": QV, "strength": 40.0},
+        "qv-r8-b": {"rank": 8, "targets": QV, "strength": 40.0},
+        "all-r16": {"rank": 16, "targets": ALL_LINEAR, "strength": 20.0},
+        "qv-r32": {"rank": 32, "targets": QV, "strength": 40.0},
+    }
+    for seed, (name, kwargs) in enumerate(adapters.items()):
+        write_adapter(tmp_path / name, base.shape, seed=seed, **kwargs)
+    mixed: list[str | None] = ["qv-r8", "all-r16", None, "qv-r8-b", None]
+    # the small engine's 1 MiB holds 9 slots of the rank-8 q,v pool (112 KiB each on the tiny base), which takes
+    # them all at creation; the rank-32 adapter's pool then needs bytes cut from its free tail (a reallocation)
+    rows: list[str | None] = ["qv-r8", "qv-r8-b", None, None]
+    results = {}
+    for graphs in ("on", "off"):
+        engine = make_engine(base, [tmp_path], engine={"max_running": 8, "cuda_graphs": graphs})
+        small = make_engine(
+            base,
+            [tmp_path],
+            engine={"max_running": 8, "cuda_graphs": graphs},
+            adapters={"device_bytes": 2**20, "device_slots": 9},
+        )
+        try:
+            got = [_greedy(engine, mixed)]
+            before = small.slots.reallocations
+            got += [_greedy(small, rows), _greedy(small, ["qv-r32"], first=10), _greedy(small, rows)]
+            if graphs == "on":
+                assert engine.graphs is not None and small.graphs is not None
+                assert engine.graphs.captures > 0 and engine.graphs.steps >= MAX_NEW - 2, engine.describe_decode()
+                assert small.slots.reallocations > before, "the rank-32 pool took no bytes from the rank-8 pool"
+                assert small.graphs.captures >= 3 and "CUDA graphs" in describe(small)["decode_step"]
+                print(engine.describe_decode(), "|", small.describe_decode())
+            results[graphs] = got
+        finally:
+            engine.stop()
+            small.stop()
+    assert [tokens for tokens, _ in results["on"][3]] == [tokens for tokens, _ in results["on"][1]]
+    for on, off in zip(results["on"], results["off"], strict=True):
+        for (tokens, logprobs), (want_tokens, want_logprobs) in zip(on, off, strict=True):
+            assert tokens == want_tokens
+            assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True)) <= 1e-3
