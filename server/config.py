@@ -188,6 +188,13 @@ class EngineSettings(_Section):
         "gather or triton forces one (grouped is refused where torch lacks grouped_mm for the device and dtype, "
         "triton where there is no CUDA device or no triton package)",
     )
+    lora_calibration_rank: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="adapter rank the CUDA start-up calibration of the LoRA kernels times one layer of the base at "
+        "(its rank bucket, at most that of adapters.max_rank): a typical rank of the adapters served",
+    )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto",
         description="decode-only steps through the static decode step (server/model/decode_graphs.py): padded to a "

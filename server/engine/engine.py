@@ -56,8 +56,9 @@ from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.server.engine.sequence import EventSink, Sequence, Status
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion
 from loraplex.server.lora.format import AdapterLimits
+from loraplex.server.lora.layers import layer_shape
 from loraplex.server.lora.ops import lora_stack_dtype, select_kernels
-from loraplex.server.lora.pool import DeviceSlots
+from loraplex.server.lora.pool import DeviceSlots, rank_bucket
 from loraplex.server.lora.sources import AdapterRoots, StoreCost
 from loraplex.server.model.decode_graphs import DecodeGraphs, graphs_wanted
 from loraplex.server.model.dora import dora_scales_for
@@ -212,7 +213,8 @@ class Engine:
             listener=self.listener,
             store_cost=StoreCost(ad.fetch_latency_ms / 1e3, ad.fetch_bytes_per_s),
         )
-        self.lora_kernels = select_kernels(base.device, lora_dtype, eng.lora_kernel)
+        calibrated = layer_shape(shape, rank_bucket(min(eng.lora_calibration_rank, ad.max_rank)))
+        self.lora_kernels = select_kernels(base.device, lora_dtype, eng.lora_kernel, calibrated)
         self.forward = DecoderForward(base, self.kv, self.lora_kernels)
         self.decode_attention: DecodeAttentionChoice | None = None
         self.graphs: DecodeGraphs | None = None  # the static decode step (engine.cuda_graphs), None = eager only

@@ -3,9 +3,10 @@ once on the serving device, and the pure rule that picks a segment's kernel from
 kernel among those that can serve the segment).
 
 On CUDA no fixed rule is measured (no GPU in the sessions that wrote this), so the device measures itself:
-:func:`measure` times each candidate kernel's ``y += delta`` at :data:`BUCKETS` for the actual device, dtype and
-rank, and :class:`Calibration` answers per segment from that table. The timing harness (:func:`median_ms`) is the
-one ``loadtests/bench_lora_ops.py`` uses.
+:func:`measure` times each candidate kernel's ``y += delta`` at :data:`BUCKETS` for the actual device and dtype, over
+one layer of the served base (:class:`LayerShape`: its linears' dimensions at a typical rank, grouped by shared
+input as the forward pass runs them), and :class:`Calibration` answers per segment from that table. The timing
+harness (:func:`median_ms`) is the one ``loadtests/bench_lora_ops.py`` uses.
 """
 
 from __future__ import annotations
@@ -50,11 +51,27 @@ def nearest_bucket(buckets: Collection[Bucket], rows: int, groups: int) -> Bucke
 
 
 @dataclass(frozen=True)
+class LayerShape:
+    """What a calibration times: one decoder layer's LoRA deltas at ``rank``, its linears grouped by the input they
+    share (q/k/v, o, gate/up, down: the groups the forward pass projects together)."""
+
+    rank: int
+    projections: tuple[tuple[int, tuple[int, ...]], ...]  # (fan-in, the fan-outs of the linears sharing it)
+
+    def describe(self) -> str:
+        groups = ", ".join(f"{fan_in}->{'+'.join(map(str, outs))}" for fan_in, outs in self.projections)
+        return f"rank {self.rank}, {groups}"
+
+
+DEFAULT_LAYER = LayerShape(16, ((4096, (4096,)),))  # one 4096 -> 4096 linear: when no base's shape is given
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Measured milliseconds per candidate kernel (by name) at each bucket; a kernel missing at a bucket could not
     run there (the window kernel needs one row per adapter)."""
 
-    label: str  # what was measured: device, dtype, rank, fan-in -> fan-out
+    label: str  # what was measured: device, dtype, the layer's shape (rank, fan-in -> fan-outs)
     timings: Mapping[Bucket, Mapping[str, float]]
     _memo: dict[tuple[int, int, frozenset[str]], str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -48,18 +48,21 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from types import ModuleType
 
 import torch
 
 from loraplex.server.lora import compiled
-from loraplex.server.lora.calibration import BUCKETS, Calibration, measure
+from loraplex.server.lora.calibration import BUCKETS, DEFAULT_LAYER, Calibration, Candidate, LayerShape, measure
 
 log = logging.getLogger(__name__)
 
 LoraDelta = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Tensors = list[torch.Tensor]
+# one projection's ``ys[i] += delta_i`` in a calibration: (outputs, x, a stacks, b stacks, slots, ends, adapters)
+AddProjection = Callable[[Tensors, torch.Tensor, Tensors, Tensors, torch.Tensor, torch.Tensor, int], object]
 
 
 def lora_delta_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -90,19 +93,33 @@ def lora_add_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     """In place: ``y[t] += (x[t] @ a[row_slots[t]]) @ b[row_slots[t]]`` for every row ``t`` with
     ``row_slots[t] >= 0``; ``row_slots`` int32/int64 ``[T]``, ``-1`` for a row without this pool's adapter. No host
     synchronisation and no data-dependent shapes, so it can be captured in a CUDA graph (a static-shape decode
-    step). Where the Triton kernels run (CUDA; CPU under the interpreter) by their BGMV-style launches
-    (:func:`loraplex.server.lora.triton_lora.lora_add_rows`); elsewhere the torch form: slots clamped to 0, each
-    row's weights gathered, two ``bmm``, the delta multiplied by the row mask (rows of ``-1`` add zeros), computed
-    in the stacks' dtype and added into ``y``."""
+    step). One module of :func:`lora_add_rows_slices`."""
+    lora_add_rows_slices((y,), x, (a,), (b,), row_slots)
+
+
+def lora_add_rows_slices(
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    row_slots: torch.Tensor,
+) -> None:
+    """:func:`lora_add_rows` for up to three modules of one pool that share the input ``x`` (q/k/v, gate/up):
+    ``ys[i] += delta(x, a[i], b[i])``. Where the Triton kernels run (CUDA; CPU under the interpreter) by one device
+    sort of the rows and one multi-slice shrink and expand launch for all modules
+    (:func:`loraplex.server.lora.triton_lora.lora_add_rows`); elsewhere the torch form, per module: slots clamped
+    to 0, each row's weights gathered, two ``bmm``, the delta multiplied by the row mask (rows of ``-1`` add zeros),
+    computed in the stacks' dtype and added into ``ys[i]``."""
     kernels = _triton_lora()
     if kernels is not None and kernels.runs_on(x.device):
-        kernels.lora_add_rows(y, x, a, b, row_slots)
+        kernels.lora_add_rows(ys, x, a, b, row_slots)
         return
-    valid = row_slots >= 0
     slots = row_slots.clamp(min=0).long()
-    shrunk = torch.bmm(x.to(a.dtype).unsqueeze(1), a.index_select(0, slots))
-    delta = torch.bmm(shrunk, b.index_select(0, slots)).squeeze(1)
-    y.add_((delta * valid.unsqueeze(1).to(delta.dtype)).to(y.dtype))
+    valid = (row_slots >= 0).unsqueeze(1)
+    for y, a_stack, b_stack in zip(ys, a, b, strict=True):
+        shrunk = torch.bmm(x.to(a_stack.dtype).unsqueeze(1), a_stack.index_select(0, slots))
+        delta = torch.bmm(shrunk, b_stack.index_select(0, slots)).squeeze(1)
+        y.add_((delta * valid.to(delta.dtype)).to(y.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +257,23 @@ def lora_add_triton(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, group_ends: torch.Tensor, groups: int
 ) -> None:
     """In place ``y += delta`` for a segment (rows sorted by slot) by the Triton shrink and expand launches."""
+    lora_add_triton_slices((y,), x, (a,), (b,), group_ends, groups)
+
+
+def lora_add_triton_slices(
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    group_ends: torch.Tensor,
+    groups: int,
+) -> None:
+    """In place ``ys[i] += delta(x, a[i], b[i])`` for a segment (rows sorted by slot) and up to three modules of
+    its pool that share the input ``x`` (q/k/v, gate/up): one multi-slice shrink and one expand launch for all."""
     kernels = _triton_lora()
     if kernels is None:
         raise RuntimeError("the triton LoRA kernel needs the triton package")
-    kernels.lora_add_sorted(y, x, a, b, group_ends, groups)
+    kernels.lora_add_sorted(ys, x, a, b, group_ends, groups)
 
 
 def _triton_works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -418,52 +448,76 @@ def calibrate(
     device: torch.device,
     dtype: torch.dtype,
     kernels: LoraKernels,
-    rank: int = 16,
-    fan_in: int = 4096,
-    fan_out: int = 4096,
+    layer: LayerShape = DEFAULT_LAYER,
     buckets: tuple[tuple[int, int], ...] = BUCKETS,
     repeats: int = 10,
 ) -> Calibration:
     """Times each kernel ``kernels`` can run (grouped where it works, gather, window where every row has its own
-    slot, Triton where it works) as ``y += delta`` on stacks of ``dtype`` and ``rank`` at each bucket of
-    (rows, distinct adapters), the rows spread evenly over the adapters."""
+    slot, Triton where it works) as ``y += delta`` over every linear of ``layer`` on stacks of ``dtype`` at each
+    bucket of (rows, distinct adapters), the rows spread evenly over the adapters: the per-module kernels module by
+    module, the Triton one as the forward pass runs it, one shrink and one expand launch per projection (q/k/v
+    together, gate/up together)."""
     capacity = max(groups for _, groups in buckets)
     most_rows = max(rows for rows, _ in buckets)
     generator = torch.Generator().manual_seed(0)
-    a = (torch.randn(capacity, fan_in, rank, generator=generator) / fan_in**0.5).to(device, dtype)
-    b = (torch.randn(capacity, rank, fan_out, generator=generator) / rank).to(device, dtype)
-    x = torch.randn(most_rows, fan_in, generator=generator).to(device, dtype)
-    y = torch.zeros(most_rows, fan_out, device=device, dtype=dtype)
 
-    def segment(rows: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        slots = torch.arange(rows) * groups // rows
-        ends = torch.bincount(slots, minlength=capacity).cumsum(0).to(torch.int32)
-        return x[:rows], y[:rows], slots.to(device), ends.to(device)
+    def random(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator) * scale).to(device, dtype)
 
-    def delta_kernel(kernel: LoraDelta) -> Callable[[int, int], Callable[[], object]]:
-        def make(rows: int, groups: int) -> Callable[[], object]:
-            xs, ys, slots, ends = segment(rows, groups)
-            return lambda: ys.add_(kernel(xs, a, b, slots, ends))
+    rank = layer.rank
+    projections = [
+        (
+            random(most_rows, fan_in),
+            [random(capacity, fan_in, rank, scale=fan_in**-0.5) for _ in outs],
+            [random(capacity, rank, out, scale=1 / rank) for out in outs],
+            [torch.zeros(most_rows, out, device=device, dtype=dtype) for out in outs],
+        )
+        for fan_in, outs in layer.projections
+    ]
+
+    def candidate(add: AddProjection, one_row_per_adapter: bool = False) -> Candidate:
+        def make(rows: int, groups: int) -> Callable[[], object] | None:
+            if one_row_per_adapter and rows != groups:
+                return None
+            slots = torch.arange(rows) * groups // rows
+            ends = torch.bincount(slots, minlength=capacity).cumsum(0).to(device, torch.int32)
+            slots = slots.to(device)
+            parts = [([y[:rows] for y in ys], x[:rows], a, b) for x, a, b, ys in projections]
+
+            def run() -> None:
+                for ys, x, a, b in parts:
+                    add(ys, x, a, b, slots, ends, groups)
+
+            return run
 
         return make
 
-    def window(rows: int, groups: int) -> Callable[[], object] | None:
-        xs, ys, _, _ = segment(rows, groups)
-        slots = SlotWindow(0, rows, None)
-        return (lambda: ys.add_(lora_delta_window(xs, a, b, slots))) if rows == groups else None
+    def per_module(kernel: LoraDelta) -> Candidate:
+        def add(
+            ys: Tensors, x: torch.Tensor, a: Tensors, b: Tensors, slots: torch.Tensor, ends: torch.Tensor, _: int
+        ) -> None:
+            for y, a_stack, b_stack in zip(ys, a, b, strict=True):
+                y.add_(kernel(x, a_stack, b_stack, slots, ends))
 
-    def triton(rows: int, groups: int) -> Callable[[], object]:
-        xs, ys, _, ends = segment(rows, groups)
-        return lambda: lora_add_triton(ys, xs, a, b, ends, groups)
+        return candidate(add)
 
-    candidates: dict[str, Callable[[int, int], Callable[[], object] | None]] = {}
+    def window(ys: Tensors, x: torch.Tensor, a: Tensors, b: Tensors, *_: object) -> None:
+        for y, a_stack, b_stack in zip(ys, a, b, strict=True):
+            y.add_(lora_delta_window(x, a_stack, b_stack, SlotWindow(0, x.shape[0], None)))
+
+    def triton(
+        ys: Tensors, x: torch.Tensor, a: Tensors, b: Tensors, _: torch.Tensor, ends: torch.Tensor, groups: int
+    ) -> None:
+        lora_add_triton_slices(ys, x, a, b, ends, groups)
+
+    candidates: dict[str, Candidate] = {}
     if kernels.grouped_works:
-        candidates[LoraBackend.GROUPED.value] = delta_kernel(lora_delta_grouped)
-    candidates[LoraBackend.GATHER.value] = delta_kernel(lora_delta_gather)
-    candidates[LoraBackend.WINDOW.value] = window
+        candidates[LoraBackend.GROUPED.value] = per_module(lora_delta_grouped)
+    candidates[LoraBackend.GATHER.value] = per_module(lora_delta_gather)
+    candidates[LoraBackend.WINDOW.value] = candidate(window, one_row_per_adapter=True)
     if kernels.triton_works:
-        candidates[LoraBackend.TRITON.value] = triton
-    label = f"{device}/{str(dtype).removeprefix('torch.')} rank {rank} {fan_in}->{fan_out}"
+        candidates[LoraBackend.TRITON.value] = candidate(triton)
+    label = f"{device}/{str(dtype).removeprefix('torch.')} {layer.describe()}"
     with torch.inference_mode():
         return measure(label, device, candidates, buckets, repeats)
 
@@ -472,14 +526,12 @@ def select_kernels(
     device: torch.device,
     dtype: torch.dtype,
     requested: str = "auto",
-    rank: int = 16,
-    fan_in: int = 4096,
-    fan_out: int = 4096,
+    layer: LayerShape = DEFAULT_LAYER,
 ) -> LoraKernels:
     """The kernel rule for this device and dtype: ``auto`` (by the measured shape rule on CPU; on CUDA by a
-    calibration run here, timing the kernels at a few (rows, adapters) buckets for stacks of ``rank`` and
-    ``fan_in -> fan_out``, logged and kept in :meth:`LoraKernels.describe`), or one kernel forced (``grouped``,
-    ``gather``, ``triton``)."""
+    calibration run here, timing the kernels at a few (rows, adapters) buckets over one ``layer`` of the served
+    base, logged and kept in :meth:`LoraKernels.describe`), or one kernel forced (``grouped``, ``gather``,
+    ``triton``). Nothing is timed on CPU or when a kernel is forced."""
     forced = None if requested == "auto" else LoraBackend(requested)
     grouped_works = _grouped_mm_works(device, dtype)
     if forced is LoraBackend.GROUPED and not grouped_works:
@@ -504,6 +556,6 @@ def select_kernels(
     if device.type != "cuda" or forced is not None:
         return kernels
     started = time.perf_counter()
-    calibration = calibrate(device, dtype, kernels, rank, fan_in, fan_out)
+    calibration = calibrate(device, dtype, kernels, layer)
     log.info("LoRA kernels calibrated in %.2f s: %s", time.perf_counter() - started, calibration.describe())
     return dataclasses.replace(kernels, calibration=calibration)

@@ -23,7 +23,9 @@ outputs may have another dtype (cast in the kernel): products accumulate in floa
 expand's ``dot``, and the output is rounded once, after the add.
 
 Multi-slice: :func:`shrink` takes up to three stacks of one pool that share their input (q/k/v, gate/up) and
-shrinks all of them in one launch (a grid axis per slice).
+shrinks all of them in one launch (a grid axis per slice); :func:`expand` adds every slice's delta into its own
+output in one launch (the slices' fan-outs may differ: q against k/v). A pool whose adapters target only some of
+the modules passes only those slices, so a q/k/v projection costs two launches per pool whatever it targets.
 
 The kernels launch on CUDA tensors, and on CPU tensors in a process that runs Triton's interpreter
 (``TRITON_INTERPRET=1`` before triton is first imported; torch's inductor imports it early, so the tests run the
@@ -115,38 +117,70 @@ def _shrink_kernel(
 
 
 @triton.jit
+def _pick(part, first, second, third):
+    """The value of slice ``part`` among the three (a selection that also mixes constexpr and runtime ints)."""
+    return tl.where(part == 0, first, tl.where(part == 1, second, third))
+
+
+@triton.jit
 def _expand_kernel(
     s_ptr,
-    b_ptr,
-    y_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    y0_ptr,
+    y1_ptr,
+    y2_ptr,
     order_ptr,
     ends_ptr,
     rank,
-    fan_out,
+    most_out,
+    out0,
+    out1,
+    out2,
+    stride_ss,
     stride_sm,
     stride_sk,
-    stride_bc,
-    stride_bk,
-    stride_bn,
-    stride_ym,
-    stride_yn,
+    stride_bc0,
+    stride_bc1,
+    stride_bc2,
+    stride_bk0,
+    stride_bk1,
+    stride_bk2,
+    stride_ym0,
+    stride_ym1,
+    stride_ym2,
     has_order: tl.constexpr,
     f32_dot: tl.constexpr,
     block_m: tl.constexpr,
     block_n: tl.constexpr,
     block_k: tl.constexpr,
 ):
-    """``y[t] += shrunk[t] @ b[slot]`` for the rows of one slot, one row block, one output block (one rounding)."""
+    """``y_slice[t] += shrunk[slice, t] @ b_slice[slot]`` for the rows of one slot, one row block, one output block
+    of one slice (one rounding); the slices' fan-outs may differ (q and k/v), the grid spans the widest."""
     pid = tl.program_id(0)
     slot = tl.program_id(1)
-    out_blocks = tl.cdiv(fan_out, block_n)
+    part = tl.program_id(2)
+    out_blocks = tl.cdiv(most_out, block_n)
     pid_m = pid // out_blocks
     pid_n = pid % out_blocks
+    fan_out = _pick(part, out0, out1, out2)
     end = tl.load(ends_ptr + slot)
     start = tl.where(slot > 0, tl.load(ends_ptr + tl.maximum(slot - 1, 0)), 0)
     first = start + pid_m * block_m
-    if first >= end:
+    if first >= end or pid_n * block_n >= fan_out:
         return
+    b_ptr = b0_ptr
+    y_ptr = y0_ptr
+    if part == 1:
+        b_ptr = b1_ptr
+        y_ptr = y1_ptr
+    if part == 2:
+        b_ptr = b2_ptr
+        y_ptr = y2_ptr
+    stride_bc = _pick(part, stride_bc0, stride_bc1, stride_bc2)
+    stride_bk = _pick(part, stride_bk0, stride_bk1, stride_bk2)
+    stride_ym = _pick(part, stride_ym0, stride_ym1, stride_ym2)
     offs_m = first + tl.arange(0, block_m)
     row_mask = offs_m < end
     rows = tl.load(order_ptr + offs_m, mask=row_mask, other=0) if has_order else offs_m
@@ -157,12 +191,12 @@ def _expand_kernel(
         offs_k = k * block_k + tl.arange(0, block_k)
         k_mask = offs_k < rank
         s = tl.load(
-            s_ptr + rows[:, None].to(tl.int64) * stride_sm + offs_k[None, :] * stride_sk,
+            s_ptr + part * stride_ss + rows[:, None].to(tl.int64) * stride_sm + offs_k[None, :] * stride_sk,
             mask=row_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
         w = tl.load(
-            b_ptr + slot.to(tl.int64) * stride_bc + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            b_ptr + slot.to(tl.int64) * stride_bc + offs_k[:, None] * stride_bk + offs_n[None, :],
             mask=k_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
@@ -170,7 +204,7 @@ def _expand_kernel(
             acc += tl.dot(s.to(w.dtype).to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(s.to(w.dtype), w)
-    y_tile = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    y_tile = y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tile_mask = row_mask[:, None] & col_mask[None, :]
     y = tl.load(y_tile, mask=tile_mask, other=0.0)
     tl.store(y_tile, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=tile_mask)
@@ -255,37 +289,60 @@ def shrink(
     return out
 
 
+def _check_expand(ys: Sequence[torch.Tensor], shrunk: torch.Tensor, stacks: Sequence[torch.Tensor]) -> None:
+    if not 1 <= len(stacks) <= MAX_SLICES or len(ys) != len(stacks) or shrunk.shape[0] < len(stacks):
+        raise ValueError(f"expand takes 1 to {MAX_SLICES} outputs, stacks and shrunk slices, got {len(stacks)}")
+    rank = stacks[0].shape[1]
+    for y, b in zip(ys, stacks, strict=True):
+        if b.dtype != stacks[0].dtype or y.dtype != ys[0].dtype or b.shape[1] != rank or y.shape[1] != b.shape[2]:
+            raise ValueError(f"y {tuple(y.shape)} and b {tuple(b.shape)} disagree with the first slice or each other")
+        if y.shape[0] != shrunk.shape[1] or y.stride(1) != 1 or b.stride(2) != 1:
+            raise ValueError("expand wants rows of shrunk's length, unit column strides in y and b")
+    if shrunk.shape[2] != rank:
+        raise ValueError(f"shrunk {tuple(shrunk.shape)} has not the stacks' rank {rank}")
+
+
 def expand(
-    y: torch.Tensor,
+    ys: Sequence[torch.Tensor],
     shrunk: torch.Tensor,
-    b: torch.Tensor,
+    stacks: Sequence[torch.Tensor],
     ends: torch.Tensor,
     order: torch.Tensor | None = None,
     block_rows: int = _MIN_DOT,
 ) -> None:
-    """In place: ``y[t] += shrunk[t] @ b[slot]`` (``shrunk [T, R]`` float32, ``b [C, R, out]``) for the rows of every
-    slot, in one launch; ``ends`` and ``order`` as for :func:`shrink`."""
-    _launchable(y.device)
-    capacity, rank, fan_out = b.shape
-    if shrunk.shape != (y.shape[0], rank) or y.shape[1] != fan_out or ends.shape[0] != capacity:
-        raise ValueError(f"y {tuple(y.shape)}, shrunk {tuple(shrunk.shape)} and b {tuple(b.shape)} disagree")
-    if y.shape[0] == 0 or capacity == 0:
+    """In place, in one launch for all ``S`` slices: ``ys[i][t] += shrunk[i, t] @ stacks[i][slot]`` (``shrunk [S',
+    T, R]`` float32 with ``S' >= S``, ``stacks[i] [C, R, out_i]``, ``ys[i] [T, out_i]``: the fan-outs may differ)
+    for the rows of every slot; ``ends`` and ``order`` as for :func:`shrink`."""
+    _launchable(shrunk.device)
+    _check_expand(ys, shrunk, stacks)
+    capacity = stacks[0].shape[0]
+    if ends.shape[0] != capacity:
+        raise ValueError(f"ends {tuple(ends.shape)} and stacks of {capacity} slots disagree")
+    if shrunk.shape[1] == 0 or capacity == 0:
         return
-    block_n, block_k = _block(fan_out, 128), _block(rank, 64)
-    grid = (triton.cdiv(y.shape[0], block_rows) * triton.cdiv(fan_out, block_n), capacity)
+    fan_outs = [b.shape[2] for b in stacks]
+    most_out = max(fan_outs)
+    block_n, block_k = _block(most_out, 128), _block(stacks[0].shape[1], 64)
+    grid = (triton.cdiv(shrunk.shape[1], block_rows) * triton.cdiv(most_out, block_n), capacity, len(stacks))
+
+    def padded(values: list[object]) -> list[object]:
+        return [*values, *[values[0]] * (MAX_SLICES - len(values))]
+
     _expand_kernel[grid](
         shrunk,
-        b,
-        y,
+        *padded(list(stacks)),
+        *padded(list(ys)),
         ends if order is None else order,
         ends,
-        rank,
-        fan_out,
+        stacks[0].shape[1],
+        most_out,
+        *padded(list(fan_outs)),
         *shrunk.stride(),
-        *b.stride(),
-        *y.stride(),
+        *padded([b.stride(0) for b in stacks]),
+        *padded([b.stride(1) for b in stacks]),
+        *padded([y.stride(0) for y in ys]),
         has_order=order is not None,
-        f32_dot=_f32_dot(b.dtype),
+        f32_dot=_f32_dot(stacks[0].dtype),
         block_m=block_rows,
         block_n=block_n,
         block_k=block_k,
@@ -293,12 +350,18 @@ def expand(
 
 
 def lora_add_sorted(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, group_ends: torch.Tensor, groups: int
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    group_ends: torch.Tensor,
+    groups: int,
 ) -> None:
-    """In place ``y += delta`` for a pool segment whose rows are sorted by slot (``group_ends [C]`` int32, as
-    :class:`~loraplex.server.lora.mapping.LoraSegment` holds them; ``groups``: its distinct slots)."""
+    """In place ``ys[i] += delta_i`` for a pool segment whose rows are sorted by slot (``group_ends [C]`` int32, as
+    :class:`~loraplex.server.lora.mapping.LoraSegment` holds them; ``groups``: its distinct slots), for up to three
+    modules of the pool that share the input ``x`` (q/k/v, gate/up): one shrink and one expand launch for all."""
     rows = rows_per_program(x.shape[0], groups)
-    expand(y, shrink(x, (a,), group_ends, block_rows=rows)[0], b, group_ends, block_rows=rows)
+    expand(ys, shrink(x, a, group_ends, block_rows=rows), b, group_ends, block_rows=rows)
 
 
 def row_order(row_slots: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,8 +374,15 @@ def row_order(row_slots: torch.Tensor, capacity: int) -> tuple[torch.Tensor, tor
     return order, counts.cumsum(0, dtype=torch.int32)[:capacity]
 
 
-def lora_add_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_slots: torch.Tensor) -> None:
-    """In place ``y[t] += (x[t] @ a[row_slots[t]]) @ b[row_slots[t]]`` for the rows with ``row_slots[t] >= 0``, by
-    the BGMV-style launches over the device-sorted rows (graph-capturable: see the module docstring)."""
-    order, ends = row_order(row_slots, a.shape[0])
-    expand(y, shrink(x, (a,), ends, order)[0], b, ends, order)
+def lora_add_rows(
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    row_slots: torch.Tensor,
+) -> None:
+    """In place ``ys[i][t] += (x[t] @ a[i][row_slots[t]]) @ b[i][row_slots[t]]`` for the rows with ``row_slots[t] >=
+    0``, for up to three modules sharing ``x``: one device sort of the rows, then one shrink and one expand launch
+    for all (BGMV-style; graph-capturable: see the module docstring)."""
+    order, ends = row_order(row_slots, a[0].shape[0])
+    expand(ys, shrink(x, a, ends, order), b, ends, order)

@@ -1,10 +1,11 @@
 """The batched forward pass over a flat batch of tokens from many sequences and many adapters.
 
 One engine step is one call: prefill chunks and decode tokens of every scheduled sequence are concatenated into
-``T`` rows (ordered by adapter pool and slot, see :mod:`loraplex.server.lora.mapping`). Every targeted linear is a
-:class:`LoraLinear`; attention is one call per layer over the paged KV cache (:mod:`.attention`). The HF model supplies
-the weights and small modules (norms, rotary embedding, activation); the loop itself is ours, gpt-fast style, so
-continuous batching needs no padding and no cache re-layout.
+``T`` rows (ordered by adapter pool and slot, see :mod:`loraplex.server.lora.mapping`). The targeted linears run as
+:class:`LoraProjection` s, those sharing an input together (q/k/v, gate/up: one merged LoRA launch pair per pool
+where the Triton kernels serve the segment); attention is one call per layer over the paged KV cache
+(:mod:`.attention`). The HF model supplies the weights and small modules (norms, rotary embedding, activation); the
+loop itself is ours, gpt-fast style, so continuous batching needs no padding and no cache re-layout.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.server.core.shape import ATTENTION_MODULES, MLP_MODULES
-from loraplex.server.lora.layers import LoraLinear
+from loraplex.server.core.shape import ATTENTION_MODULES
+from loraplex.server.lora.layers import PROJECTIONS, LoraLinear, LoraProjection
 from loraplex.server.lora.mapping import LoraMapping
-from loraplex.server.lora.ops import LoraKernels, lora_add_rows
+from loraplex.server.lora.ops import LoraKernels
 from loraplex.server.lora.pool import SlotPool
 from loraplex.server.model.attention import AttentionPlan, attend
 from loraplex.server.model.kv_cache import KVCache
@@ -55,7 +56,7 @@ class StepOutput:
     logits: torch.Tensor  # [S, vocab] float32
 
 
-Project = Callable[[LoraLinear, torch.Tensor], torch.Tensor]
+Project = Callable[[LoraProjection, torch.Tensor], list[torch.Tensor]]  # the outputs of linears sharing one input
 AttendLayer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -84,43 +85,51 @@ class DecoderForward:
         # [num_blocks, hidden] float32: per KV block, the sum of its prompt rows' final (normed) hidden states, kept
         # with the block so that a prefix-cache hit still yields the whole prompt's mean-pooled embedding
         self.prompt_sums = torch.zeros(kv_cache.num_blocks, shape.hidden_size, device=base.device)
-        self.linears: list[dict[str, LoraLinear]] = []
+        # per layer, by the first module of each group of PROJECTIONS: q_proj (q/k/v), o_proj, gate_proj (gate/up),
+        # down_proj
+        self.projections: list[dict[str, LoraProjection]] = []
         for index, layer in enumerate(self.layers):
-            wrapped = {m: LoraLinear(getattr(layer.self_attn, m), index, m, kernels) for m in ATTENTION_MODULES}
-            wrapped |= {m: LoraLinear(getattr(layer.mlp, m), index, m, kernels) for m in MLP_MODULES}
-            self.linears.append(wrapped)
+            linears = {
+                m: LoraLinear(getattr(layer.self_attn if m in ATTENTION_MODULES else layer.mlp, m), index, m)
+                for group in PROJECTIONS
+                for m in group
+            }
+            self.projections.append(
+                {group[0]: LoraProjection([linears[m] for m in group], kernels) for group in PROJECTIONS}
+            )
 
     def _decoder(
         self, input_ids: torch.Tensor, positions: torch.Tensor, project: Project, attend_layer: AttendLayer
     ) -> torch.Tensor:
-        """The layers over ``T`` rows: ``project(linear, x)`` runs one (LoRA-aware) linear, ``attend_layer(layer, q,
-        k, v)`` writes the rows' K/V and attends; returns the last hidden states ``[T, H]`` (before the final norm)."""
+        """The layers over ``T`` rows: ``project(projection, x)`` runs the (LoRA-aware) linears that share the input
+        ``x``, ``attend_layer(layer, q, k, v)`` writes the rows' K/V and attends; returns the last hidden states
+        ``[T, H]`` (before the final norm)."""
         rows = input_ids.shape[0]
         hidden: torch.Tensor = self.embed(input_ids)  # [T, H]
         cos, sin = self.rotary(hidden, positions.unsqueeze(0))  # [1, T, head_dim]
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
         for index, layer in enumerate(self.layers):
-            linear = self.linears[index]
+            projections = self.projections[index]
             x = layer.input_layernorm(hidden)
-            q = project(linear["q_proj"], x).view(rows, self.num_heads, self.head_dim)
-            k = project(linear["k_proj"], x).view(rows, self.num_kv_heads, self.head_dim)
-            v = project(linear["v_proj"], x).view(rows, self.num_kv_heads, self.head_dim)
+            q, k, v = project(projections["q_proj"], x)
+            q = q.view(rows, self.num_heads, self.head_dim)
+            k = k.view(rows, self.num_kv_heads, self.head_dim)
+            v = v.view(rows, self.num_kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             attended = attend_layer(index, q, k, v).reshape(rows, self.num_heads * self.head_dim)
-            hidden = hidden + project(linear["o_proj"], attended)
+            hidden = hidden + project(projections["o_proj"], attended)[0]
             x = layer.post_attention_layernorm(hidden)
-            gated = layer.mlp.act_fn(project(linear["gate_proj"], x)) * project(linear["up_proj"], x)
-            hidden = hidden + project(linear["down_proj"], gated)
+            gate, up = project(projections["gate_proj"], x)
+            hidden = hidden + project(projections["down_proj"], layer.mlp.act_fn(gate) * up)[0]
         return hidden
 
     @torch.inference_mode()
     def __call__(self, batch: StepBatch) -> StepOutput:
         mapping = batch.lora
 
-        def project(linear: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = linear(x, mapping)
-            return out
+        def project(projection: LoraProjection, x: torch.Tensor) -> list[torch.Tensor]:
+            return projection(x, mapping)
 
         def attend_layer(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.kv.write(index, batch.cache_index, k, v)
@@ -137,16 +146,11 @@ class DecoderForward:
 
     def decode_static(self, step: StaticDecode, attention: DecodeAttention) -> torch.Tensor:
         """The static-shape decode step (:mod:`.decode_graphs` captures it): one row per sequence, every tensor of
-        a fixed size, no host sync; each pool's LoRA through ``lora_add_rows`` over all rows (``-1`` = none);
+        a fixed size, no host sync; each pool's LoRA through ``lora_add_rows_slices`` over all rows (``-1`` = none);
         returns float32 logits of every row ``[B, vocab]``. Call it under ``torch.inference_mode``."""
 
-        def project(linear: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-            y: torch.Tensor = linear.base(x)
-            for pool, row_slots in step.lora:
-                stacks = pool.a.get(linear.module)
-                if stacks is not None:
-                    lora_add_rows(y, x, stacks[linear.layer], pool.b[linear.module][linear.layer], row_slots)
-            return y
+        def project(projection: LoraProjection, x: torch.Tensor) -> list[torch.Tensor]:
+            return projection.rows(x, step.lora)
 
         def attend_layer(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.kv.write(index, step.cache_slots, k, v)

@@ -19,6 +19,7 @@ from loraplex.server.core.types import GenerationRequest, SamplingParams
 from loraplex.server.engine.engine import Engine, describe
 from loraplex.server.lora.copy_stream import CudaCopyStream
 from loraplex.server.lora.format import AdapterLimits, read_adapter
+from loraplex.server.lora.layers import layer_shape
 from loraplex.server.lora.ops import LoraBackend, lora_add_triton, lora_delta, lora_delta_reference, select_kernels
 from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.model.loader import LoadedBase, load_base
@@ -340,3 +341,20 @@ def test_engine_cuda_graph_replay_matches_eager_over_mixed_adapters_and_a_pool_r
         for (tokens, logprobs), (want_tokens, want_logprobs) in zip(on, off, strict=True):
             assert tokens == want_tokens
             assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True)) <= 1e-3
+
+
+def test_engine_calibrates_the_lora_kernels_at_the_model_shapes(random_base: Path, tmp_path: Path) -> None:
+    """The start-up calibration times one layer of the served base (q/k/v, o, gate/up, down at its dimensions) at
+    engine.lora_calibration_rank capped by adapters.max_rank, Triton included (timed merged, as the forward pass
+    runs it; the merged path itself: the ``proj-`` cases of test_triton_kernels_on_cuda_match_reference)."""
+    base = load_base(ModelSettings(base_model=str(random_base), device="cuda", quantization="none", dtype="bfloat16"))
+    engine = make_engine(base, [tmp_path], engine={"lora_calibration_rank": 32}, adapters={"max_rank": 16})
+    try:
+        calibration = engine.lora_kernels.calibration
+        assert calibration is not None
+        print(calibration.describe())
+        assert "bfloat16" in calibration.label
+        assert calibration.label.endswith(layer_shape(base.shape, 16).describe())
+        assert all("triton" in row for row in calibration.timings.values())
+    finally:
+        engine.stop()

@@ -9,7 +9,7 @@ import torch
 
 from loraplex.server.core.shape import ModelShape
 from loraplex.server.lora.format import AdapterLimits, read_adapter
-from loraplex.server.lora.layers import LoraLinear
+from loraplex.server.lora.layers import LoraLinear, LoraProjection
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.ops import (
     LoraBackend,
@@ -245,7 +245,7 @@ def test_float32_stacks_under_a_bfloat16_base_add_the_float32_delta(tmp_path: Pa
             kernels = LoraKernels(grouped_works=True, by_shape=False, forced=backend)
             if backend is LoraBackend.WINDOW and mapping.segments[0].window is None:
                 continue
-            got = LoraLinear(base, 1, "q_proj", kernels)(x[:n_rows], mapping)
+            got = LoraProjection([LoraLinear(base, 1, "q_proj")], kernels)(x[:n_rows], mapping)[0]
             assert got.dtype is torch.bfloat16
             want = base(x[:n_rows]).float()
             row = 0
@@ -319,7 +319,7 @@ def test_fused_kernel_through_lora_linear_with_bf16_stacks(tmp_path: Path) -> No
         assert kernels.choose(segment.end - segment.start, segment.groups, segment.window) is backend
         n_rows = sum(n for _, n in rows)
         with torch.inference_mode():
-            got = LoraLinear(base, 1, "q_proj", kernels)(x[:n_rows], mapping)
+            got = LoraProjection([LoraLinear(base, 1, "q_proj")], kernels)(x[:n_rows], mapping)[0]
         want = base(x[:n_rows]).float()
         assert got.dtype is torch.bfloat16
         row = 0

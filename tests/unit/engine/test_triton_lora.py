@@ -1,5 +1,7 @@
 """The Triton LoRA kernels (under Triton's interpreter, in a subprocess) and the graph-safe row-slot entry point
-(``lora_add_rows``, torch form) against the float64 per-token reference; the CUDA kernel calibration's choice."""
+(``lora_add_rows``, torch form) against the float64 per-token reference; the merged q/k/v and gate/up projection
+(Triton's interpreter and the torch kernels) against the reference and the linears run alone; the CUDA kernel
+calibration's choice and the layer shape it times."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from loraplex.server.config import EngineSettings
-from loraplex.server.lora.calibration import Calibration, nearest_bucket
+from loraplex.server.lora.calibration import Calibration, LayerShape, nearest_bucket
+from loraplex.server.lora.layers import layer_shape
 from loraplex.server.lora.ops import (
     LoraBackend,
     LoraKernels,
@@ -24,7 +27,8 @@ from loraplex.server.lora.ops import (
     lora_delta_reference,
     select_kernels,
 )
-from tests.support.triton_cases import CASES, DTYPES
+from tests.support.shapes import TINY_SHAPE
+from tests.support.triton_cases import CASES, DTYPES, projection_case
 
 ROOT = Path(__file__).resolve().parents[3]
 CPU = torch.device("cpu")
@@ -121,13 +125,33 @@ def test_calibrated_choice_follows_the_nearest_bucket() -> None:
 
 
 def test_calibration_measures_every_kernel_that_runs() -> None:
-    """A real (small, CPU) calibration run: every bucket times the kernels that can serve it."""
+    """A real (small, CPU) calibration run over a layer of the tiny shape: every bucket times the kernels that can
+    serve it, and the label names what was timed."""
     kernels = LoraKernels(grouped_works=True, by_shape=False)
     buckets = ((4, 4), (32, 2))
-    calibration = calibrate(CPU, torch.float32, kernels, rank=8, fan_in=32, fan_out=48, buckets=buckets, repeats=2)
+    layer = layer_shape(TINY_SHAPE, 8)
+    calibration = calibrate(CPU, torch.float32, kernels, layer, buckets=buckets, repeats=2)
     assert set(calibration.timings[(4, 4)]) == {"grouped", "gather", "window"}
     assert set(calibration.timings[(32, 2)]) == {"grouped", "gather"}  # no window: rows share adapters
     assert all(ms > 0 for row in calibration.timings.values() for ms in row.values())
+    assert calibration.label == "cpu/float32 rank 8, 64->64+32+32, 64->64, 64->128+128, 128->64"
+
+
+def test_layer_shape_groups_the_linears_as_the_forward_pass_runs_them() -> None:
+    assert layer_shape(TINY_SHAPE, 16) == LayerShape(
+        16, ((64, (64, 32, 32)), (64, (64,)), (64, (128, 128)), (128, (64,)))
+    )
+
+
+@pytest.mark.parametrize("kernel", ["auto", "gather", "grouped"])
+@pytest.mark.parametrize("form", ["eager", "rows", "permodule", "dora"])
+@pytest.mark.parametrize("group", ["q_proj", "gate_proj"])
+def test_projection_with_torch_kernels_matches_reference(group: str, form: str, kernel: str) -> None:
+    """The merged projection on CPU without Triton (each module by the torch kernels; the static ``rows`` form by
+    the torch form of ``lora_add_rows_slices``) over pools of ranks 8/16/32 targeting q,v / everything / up,down and
+    base rows: the float64 reference, and the linears run one by one, within float32 rounding."""
+    error, scale = projection_case(group, "float32", form, kernels=select_kernels(CPU, torch.float32, kernel))
+    assert error <= 2 * torch.finfo(torch.float32).eps * scale + 1e-5, (error, scale)
 
 
 def test_forcing_triton_where_it_cannot_run_is_refused() -> None:
