@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+import triton  # type: ignore[import-untyped]
+import triton.language as tl  # type: ignore[import-untyped]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 """``(q [S, heads, head_dim], k_cache, v_cache, block_tables [S, W], seq_lens [S], block_size) -> [S, heads, dim]``"""
 
 
-@triton.jit
-def _paged_attention_kernel(  # Triton's constexpr parameters are upper case, hence the noqa N803
+@triton.jit  # type: ignore[untyped-decorator]
+def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # constexpr names upper case: noqa N803 below
     q_ptr,
     k_ptr,
     v_ptr,
@@ -239,8 +239,15 @@ CANDIDATES: dict[str, DecodeAttention] = {
 
 
 def _decode_case(
-    rows: int, heads: int, kv_heads: int, head_dim: int, block_size: int, width: int, dtype: torch.dtype, device
-) -> tuple[torch.Tensor, ...]:
+    rows: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decode step of ``rows`` sequences with scattered blocks and contexts up to the table's capacity."""
     generator = torch.Generator(device=device).manual_seed(0)
     blocks = rows * width + 1
@@ -282,7 +289,8 @@ def choose_decode_attention(
             if not all(torch.allclose(g, w, rtol=2e-2, atol=2e-2) for g, w in zip(got, want, strict=True)):
                 log.warning("decode attention %s disagrees with the torch form: not used", name)
                 continue
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             begin.record()
             for _ in range(repeats):
                 for case in cases:
