@@ -100,6 +100,31 @@ def _peft(base_dir: Path, root: Path, **load: Any) -> Any:
     return peft_with_adapters(AutoModelForCausalLM.from_pretrained(base_dir, **load), root, list(ADAPTERS))
 
 
+def _prompt(index: int) -> tuple[int, ...]:
+    """The prompt of the request at ``index`` in the comparison batches (distinct token ranges)."""
+    return tuple(range(10 + 7 * index, 30 + 7 * index))
+
+
+def _greedy(engine: Engine, names: list[str | None], first: int = 0) -> list[tuple[list[int], list[float]]]:
+    """(tokens, log-probabilities) of one greedy request per adapter name (None: base), prompts by position."""
+    prompts = [_prompt(i) for i in range(first, first + len(names))]
+    outcomes = run_all(
+        engine,
+        [
+            GenerationRequest(
+                request_id=f"r{first + i}",
+                prompt_token_ids=p,
+                adapter_id=name,
+                sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True, ignore_eos=True),
+            )
+            for i, (name, p) in enumerate(zip(names, prompts, strict=True))
+        ],
+    )
+    for outcome in outcomes:
+        assert outcome.error is None, outcome.error
+    return [(outcome.token_ids, outcome.logprobs) for outcome in outcomes]
+
+
 def _compare(
     base: LoadedBase, root: Path, peft: Any, adapters: dict[str, Any] | None = None, **engine: Any
 ) -> tuple[float, float]:
@@ -107,31 +132,18 @@ def _compare(
     ``adapters``: settings of the adapters section."""
     engine = make_engine(base, [root], engine={"max_running": 8, **engine}, adapters=adapters or {})
     rows: list[str | None] = [*ADAPTERS, None]
-    prompts = [tuple(range(10 + 7 * i, 30 + 7 * i)) for i in range(len(rows))]
     try:
-        outcomes = run_all(
-            engine,
-            [
-                GenerationRequest(
-                    request_id=f"r{i}",
-                    prompt_token_ids=p,
-                    adapter_id=name,
-                    sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True, ignore_eos=True),
-                )
-                for i, (name, p) in enumerate(zip(rows, prompts, strict=True))
-            ],
-        )
+        outputs = _greedy(engine, rows)
     finally:
         engine.stop()
     equal, worst = 0, 0.0
-    for name, prompt, outcome in zip(rows, prompts, outcomes, strict=True):
-        assert outcome.error is None, outcome.error
-        tokens, want = peft_generate(peft, name, prompt, MAX_NEW, ignore_eos=True)
-        equal += tokens == outcome.token_ids
-        for step, (mine, theirs) in enumerate(zip(outcome.token_ids, tokens, strict=True)):
+    for index, (name, (mine_tokens, mine_logprobs)) in enumerate(zip(rows, outputs, strict=True)):
+        tokens, want = peft_generate(peft, name, _prompt(index), MAX_NEW, ignore_eos=True)
+        equal += tokens == mine_tokens
+        for step, (mine, theirs) in enumerate(zip(mine_tokens, tokens, strict=True)):
             if mine != theirs:
                 break
-            worst = max(worst, abs(outcome.logprobs[step] - want[step]))
+            worst = max(worst, abs(mine_logprobs[step] - want[step]))
     return equal / len(rows), worst
 
 
@@ -162,29 +174,17 @@ def test_engine_on_cuda_nf4_bf16_matches_peft(random_base: Path, tmp_path: Path)
     )
     engine = make_engine(base, [tmp_path], engine={"max_running": 8})
     rows: list[str | None] = [*ADAPTERS, None]
-    prompts = [tuple(range(10 + 7 * i, 30 + 7 * i)) for i in range(len(rows))]
     try:
-        outcomes = run_all(
-            engine,
-            [
-                GenerationRequest(
-                    request_id=f"r{i}",
-                    prompt_token_ids=p,
-                    adapter_id=name,
-                    sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True, ignore_eos=True),
-                )
-                for i, (name, p) in enumerate(zip(rows, prompts, strict=True))
-            ],
-        )
+        outputs = _greedy(engine, rows)
     finally:
         engine.stop()
     differences, regrets = [], []
-    for name, prompt, outcome in zip(rows, prompts, outcomes, strict=True):
-        assert outcome.error is None, outcome.error
-        logits = peft_logits(peft, name, [*prompt, *outcome.token_ids])
+    for index, (name, (tokens, mine)) in enumerate(zip(rows, outputs, strict=True)):
+        prompt = _prompt(index)
+        logits = peft_logits(peft, name, [*prompt, *tokens])
         logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
-        for step, token in enumerate(outcome.token_ids):
-            differences.append(abs(outcome.logprobs[step] - logprobs[step, token].item()))
+        for step, token in enumerate(tokens):
+            differences.append(abs(mine[step] - logprobs[step, token].item()))
             regrets.append(logprobs[step].max().item() - logprobs[step, token].item())
     print(
         f"nf4/bf16 on CUDA: max |dlogprob| {max(differences):.3f}, mean {sum(differences) / len(differences):.4f}, "
@@ -271,26 +271,6 @@ def test_engine_on_cuda_with_adapters_churning_through_two_slots_matches_peft(
     agreement, worst = _compare(base, tmp_path, peft, adapters={"device_slots": 2})
     print(f"float32 on CUDA, 2 device slots: token agreement {agreement:.2f}, max |dlogprob| {worst:.2e}")
     assert agreement == 1.0 and worst <= 1e-3
-
-
-def _greedy(engine: Engine, names: list[str | None], first: int = 0) -> list[tuple[list[int], list[float]]]:
-    """(tokens, log-probabilities) of one greedy request per adapter name (None: base), prompts by position."""
-    prompts = [tuple(range(10 + 7 * i, 30 + 7 * i)) for i in range(first, first + len(names))]
-    outcomes = run_all(
-        engine,
-        [
-            GenerationRequest(
-                request_id=f"r{first + i}",
-                prompt_token_ids=p,
-                adapter_id=name,
-                sampling=SamplingParams(max_new_tokens=MAX_NEW, logprobs=True, ignore_eos=True),
-            )
-            for i, (name, p) in enumerate(zip(names, prompts, strict=True))
-        ],
-    )
-    for outcome in outcomes:
-        assert outcome.error is None, outcome.error
-    return [(outcome.token_ids, outcome.logprobs) for outcome in outcomes]
 
 
 def test_engine_cuda_graph_replay_matches_eager_over_mixed_adapters_and_a_pool_reallocation(
