@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.server.engine.scheduler import ScheduledChunk
+from loraplex.server.engine.staging import StepUpload
 from loraplex.server.lora.mapping import LoraMapping
 from loraplex.server.lora.pool import SlotPool
 from loraplex.server.model.attention import SequenceSpan, plan_attention
@@ -48,7 +49,11 @@ def _order_key(chunk: ScheduledChunk) -> tuple[int, int, int]:
     return (1, 0, 0) if placement is None else (0, id(placement[0]), placement[1])
 
 
-def build_step(chunks: list[ScheduledChunk], kv: KVCache, device: torch.device) -> BuiltStep:
+HOST = torch.device("cpu")
+
+
+def build_step(chunks: list[ScheduledChunk], kv: KVCache, upload: StepUpload) -> BuiltStep:
+    """The step batch, built on the host and moved to the device by ``upload`` (one copy)."""
     ordered = sorted(chunks, key=_order_key)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -84,20 +89,20 @@ def build_step(chunks: list[ScheduledChunk], kv: KVCache, device: torch.device) 
             lora_rows.append((*placement, chunk.num_tokens))
 
     def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return torch.tensor(values, dtype=torch.long)
 
     batch = StepBatch(
         input_ids=tensor(input_ids),
         positions=tensor(positions),
         cache_index=tensor(cache_index),
-        attention=plan_attention(spans, kv.block_size, device),
+        attention=plan_attention(spans, kv.block_size, HOST),
         sample_rows=tensor(sample_rows),
-        lora=LoraMapping.build(lora_rows, device),
+        lora=LoraMapping.build(lora_rows, HOST),
         prompt_rows=tensor(prompt_rows) if prompt_rows else None,
         prompt_blocks=tensor(prompt_blocks) if prompt_blocks else None,
         fresh_blocks=tensor(fresh_blocks) if prompt_blocks else None,
     )
-    return BuiltStep(batch, tuple(ordered), tuple(sampled))
+    return BuiltStep(upload(batch), tuple(ordered), tuple(sampled))
 
 
 def build_decode(chunks: list[ScheduledChunk], kv: KVCache) -> BuiltDecode | None:

@@ -54,6 +54,7 @@ from loraplex.server.engine.fairness import InFlight
 from loraplex.server.engine.sampler import SamplerState, sample
 from loraplex.server.engine.scheduler import ScheduledChunk, Scheduler
 from loraplex.server.engine.sequence import EventSink, Sequence, Status
+from loraplex.server.engine.staging import StepUpload
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion
 from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.layers import layer_shape
@@ -215,6 +216,7 @@ class Engine:
         )
         calibrated = layer_shape(shape, rank_bucket(min(eng.lora_calibration_rank, ad.max_rank)))
         self.lora_kernels = select_kernels(base.device, lora_dtype, eng.lora_kernel, calibrated)
+        self.upload = StepUpload(base.device)  # the eager step's index tensors: one host -> device copy
         self.forward = DecoderForward(base, self.kv, self.lora_kernels)
         self.decode_attention: DecodeAttentionChoice | None = None
         self.graphs: DecodeGraphs | None = None  # the static decode step (engine.cuda_graphs), None = eager only
@@ -673,7 +675,7 @@ class Engine:
                 logits = self.graphs.run(decode.rows)
                 if logits is not None:
                     return logits, decode.chunks, decode.chunks
-        built = build_step(chunks, self.kv, self.base.device)
+        built = build_step(chunks, self.kv, self.upload)
         return self.forward(built.batch).logits, built.chunks, built.sampled
 
     def _run_step(self, chunks: list[ScheduledChunk]) -> None:
