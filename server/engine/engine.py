@@ -634,10 +634,8 @@ class Engine:
         self._running_count = len(self.scheduler.running)
         if not chunks:
             return bool(failed)
-        placements = [chunk.seq.adapter.placement for chunk in chunks if chunk.seq.adapter is not None]
         try:
-            with self.slots.reading(placements):  # after the slots' copies; no slot rewritten before it is done
-                self._run_step(chunks)
+            self._run_step(chunks)
         except Exception as exc:
             log.exception("engine step failed; failing its %d requests", len(chunks))
             for chunk in chunks:

@@ -1,12 +1,9 @@
 """Adapter lifecycle: ids and versions, loading from disk, the host LRU, device residency, pinning, unloading.
 
-Tiers: *disk* (a directory under an adapter root) → *host* (a validated adapter as a :class:`SlotImage`: its slot's
-contents in the stacks' layout and dtype, pinned on CUDA; LRU within ``adapters.host_bytes``, which counts the
-images' bytes) → *device* (a slot in a :class:`DeviceSlots` pool, within ``adapters.device_slots`` and
-``adapters.device_bytes``). Reading from disk and building the image run on loader threads, so a request whose
-adapter is not resident waits while every other request keeps generating; the host → device write is then one copy
-per stack, on the copy stream (a side stream on CUDA, see :mod:`loraplex.server.lora.copy_stream`), which the
-steps reading the slot wait for on the device, not on the host.
+Tiers: *disk* (a directory under an adapter root) → *host* (validated ``AdapterWeights`` in memory, LRU within
+``adapters.host_bytes``) → *device* (a slot in a :class:`DeviceSlots` pool, within ``adapters.device_slots`` and
+``adapters.device_bytes``). Reading from disk runs on loader threads, so a request whose adapter is not resident
+waits while every other request keeps generating.
 
 Device eviction: the idle adapters on the device (placed, unreferenced, unpinned) are kept in one LRU per pool,
 updated in O(1) on every acquire and release. Pools are preallocated (:mod:`loraplex.server.lora.pool`), so a
@@ -49,7 +46,7 @@ from loraplex.server.core.shape import ModelShape
 from loraplex.server.core.types import AdapterInfo, ResidencyTier
 from loraplex.server.lora import format as peft_format
 from loraplex.server.lora.format import AdapterLimits, AdapterWeights
-from loraplex.server.lora.pool import DeviceSlots, DoraScales, Placement, PoolKey, SlotImage
+from loraplex.server.lora.pool import DeviceSlots, DoraScales, Placement, PoolKey
 from loraplex.server.lora.sources import (
     AdapterDirectoryMissing,
     AdapterOutsideRoot,
@@ -80,12 +77,13 @@ class AdapterVersion:
     rank: int
     target_modules: tuple[str, ...]
     use_dora: bool
-    size_bytes: int  # of the adapter's weights as read (float32)
+    size_bytes: int
     source_dir: Path
     files: tuple[int, ...]  # files_signature of source_dir when this version was last read
     loaded_at: float
     manifest: dict[str, Any] | None
-    weights: SlotImage | None = field(repr=False)  # the host copy (None: dropped from the host tier)
+    weights: AdapterWeights | None = field(repr=False)
+    dora_scales: DoraScales | None = field(default=None, repr=False)
     placement: Placement | None = field(default=None, repr=False)
     refs: int = 0
     requests_served: int = 0
@@ -223,7 +221,7 @@ class AdapterManager:
         self._executor.submit(self._load, entry, directory, signature, future)
         return future
 
-    def _read(self, adapter_id: str, directory: Path) -> tuple[AdapterWeights, SlotImage]:
+    def _read(self, adapter_id: str, directory: Path) -> tuple[AdapterWeights, DoraScales | None]:
         weights = peft_format.read_adapter(adapter_id, directory, self.shape, self.limits, self.base_fingerprint)
         if not self.slots.fits_at_all(weights):
             raise peft_format.AdapterRejected(
@@ -234,14 +232,14 @@ class AdapterManager:
                 ],
             )
         dora = self._dora_scales_fn(weights) if weights.use_dora and self._dora_scales_fn else None
-        return weights, self.slots.image(weights, dora)
+        return weights, dora
 
     def _load(self, entry: _Entry, directory: Path, signature: tuple[int, ...], future: Future[AdapterVersion]) -> None:
         started = time.perf_counter()
         outcome: Literal["ok", "rejected", "error"] = "ok"
         time.sleep(self.store_cost.wait_s(directory))  # on a loader thread: the engine keeps stepping
         try:
-            weights, image = self._read(entry.adapter_id, directory)
+            weights, dora = self._read(entry.adapter_id, directory)
         except peft_format.AdapterRejected as exc:
             outcome = "rejected"
             self._finish_load(entry, future, signature, error=AdapterRejected(str(exc)))
@@ -251,7 +249,7 @@ class AdapterManager:
             reason = AdapterRejected(f"adapter '{entry.adapter_id}' could not be loaded: {exc}")
             self._finish_load(entry, future, signature, error=reason)
         else:
-            self._finish_load(entry, future, signature, weights=weights, image=image)
+            self._finish_load(entry, future, signature, weights=weights, dora=dora)
         elapsed = time.perf_counter() - started
         self.listener.adapter_loaded("host", outcome, elapsed)
         log.info("adapter %s: %s after %.1f ms", entry.adapter_id, outcome, elapsed * 1e3)
@@ -264,7 +262,7 @@ class AdapterManager:
         future: Future[AdapterVersion],
         signature: tuple[int, ...],
         weights: AdapterWeights | None = None,
-        image: SlotImage | None = None,
+        dora: DoraScales | None = None,
         error: EngineError | None = None,
     ) -> None:
         with self._lock:
@@ -272,24 +270,24 @@ class AdapterManager:
                 entry.loading = None
             if entry.unloaded:
                 error = AdapterNotFound(f"adapter '{entry.adapter_id}' was unloaded while it was loading")
-            if error is not None or weights is None or image is None:
+            if error is not None or weights is None:
                 assert error is not None
                 if isinstance(error, AdapterRejected):
                     entry.rejected = (signature, error)
                 future.set_exception(error)
                 return
             entry.rejected = None
-            version = self._install(entry, weights, image, signature)
+            version = self._install(entry, weights, dora, signature)
             self._trim_host()
         future.set_result(version)
 
     def _install(
-        self, entry: _Entry, weights: AdapterWeights, image: SlotImage, signature: tuple[int, ...]
+        self, entry: _Entry, weights: AdapterWeights, dora: DoraScales | None, signature: tuple[int, ...]
     ) -> AdapterVersion:
         current = entry.current
         if current is not None and current.content_hash == weights.content_hash:
             if current.weights is None and current.placement is None:
-                current.weights = image
+                current.weights, current.dora_scales = weights, dora
                 self._refresh_host(current)
             current.files = signature  # same content under new file times: nothing left to read
             return current
@@ -305,7 +303,8 @@ class AdapterManager:
             files=signature,
             loaded_at=time.time(),
             manifest=dict(weights.manifest) if weights.manifest else None,
-            weights=image,
+            weights=weights,
+            dora_scales=dora,
             last_used=time.monotonic(),
         )
         entry.next_version += 1
@@ -343,8 +342,8 @@ class AdapterManager:
         if size is not None:
             self._host_total -= size
         if version.weights is not None and version.retired is None:
-            (self._host_only if version.placement is None else self._host_placed)[version] = version.weights.nbytes
-            self._host_total += version.weights.nbytes
+            (self._host_only if version.placement is None else self._host_placed)[version] = version.size_bytes
+            self._host_total += version.size_bytes
 
     def _trim_host(self) -> None:
         """Drops host weights, least recently used first (placed versions before host-only ones), until the held
@@ -357,7 +356,8 @@ class AdapterManager:
                 if version.placement is None and version.refs > 0:
                     kept.append(version)
                     continue
-                version.weights = None  # a copy still reading it keeps its pinned block until it is done
+                version.weights = None
+                version.dora_scales = None
                 self.listener.adapter_evicted("host")
             for version in kept:
                 self._refresh_host(version)
@@ -401,16 +401,17 @@ class AdapterManager:
             if version.weights is None or version.retired is not None:
                 return False
             started = time.perf_counter()
-            image = version.weights
+            weights, dora = version.weights, version.dora_scales
+            key = PoolKey.of(weights)
             # A free slot or its pool's least recently used idle adapter's slot (one slot write); then its pool
             # grows into free bytes, other pools give bytes back, or any pool's least recently used idle adapter goes.
-            placement = self.slots.place_image(image, grow=False)
+            placement = self.slots.place(weights, dora, grow=False)
             while placement is None:
-                if self._evict_idle(image.key):
-                    placement = self.slots.place_image(image, grow=False)
+                if self._evict_idle(key):
+                    placement = self.slots.place(weights, dora, grow=False)
                     continue
-                placement = self.slots.place_image(image)
-                if placement is None and not (self.slots.reclaim(image.key) or self._evict_idle(None)):
+                placement = self.slots.place(weights, dora)
+                if placement is None and not (self.slots.reclaim(weights) or self._evict_idle(None)):
                     return False
             version.placement = placement
             version.last_used = time.monotonic()
@@ -459,13 +460,13 @@ class AdapterManager:
         with self._lock:
             if version.placement is not None:
                 return True
-            image = version.weights
-            if image is None or version.retired is not None:
+            weights = version.weights
+            if weights is None or version.retired is not None:
                 return False
             started = time.perf_counter()
-            placement = self.slots.place_image(image, grow=False)
-            if placement is None and self._evict_idle(image.key):
-                placement = self.slots.place_image(image, grow=False)
+            placement = self.slots.place(weights, version.dora_scales, grow=False)
+            if placement is None and self._evict_idle(PoolKey.of(weights)):
+                placement = self.slots.place(weights, version.dora_scales, grow=False)
             if placement is None:
                 return False
             version.placement = placement

@@ -16,24 +16,17 @@ comes back costs no allocation) until ``reclaim`` needs its bytes.
 Slot indices are separate from adapter ids; a :class:`Placement` is the (pool, slot) of one adapter version and
 may move when a pool is compacted (between engine steps only). Budgets: the number of used slots
 (``adapters.device_slots``) and the bytes *allocated* by all pools (``adapters.device_bytes``).
-
-Host side: an adapter's host weights are a :class:`SlotImage`, its slot's contents laid out as the stacks hold them
-(transposed, padded to the pool's rank, in the stacks' dtype, one flat buffer, pinned on CUDA), built once on a
-loader thread, so a slot write is one contiguous copy per stack. Writes go through the :class:`SlotFences` of
-:mod:`loraplex.server.lora.copy_stream` (a side stream on CUDA): a step reads slots inside :meth:`DeviceSlots.reading`.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from loraplex.server.core.shape import TARGET_MODULES, ModelShape
-from loraplex.server.lora.copy_stream import SlotFences, copy_stream_for
 from loraplex.server.lora.format import AdapterWeights
 
 MIN_BUCKET = 8
@@ -72,88 +65,16 @@ class Placement:
 DoraScales = Mapping[tuple[int, str], torch.Tensor]  # (layer, module) -> [out]
 
 
-@dataclass(frozen=True, eq=False)
-class SlotImage:
-    """One adapter's slot contents on the host, laid out as its pool's stacks hold them: per targeted module and
-    layer ``a [in, R]`` and ``b [R, out]`` (its rank r <= R first, zeros after) and, for DoRA, ``dora [out]`` (1
-    where it has no module), in the stacks' dtype; all views of ``flat`` (pinned for a CUDA copy stream, so each
-    copy to the device is asynchronous). Immutable once built."""
-
-    key: PoolKey
-    flat: torch.Tensor
-    a: Mapping[str, tuple[torch.Tensor, ...]]
-    b: Mapping[str, tuple[torch.Tensor, ...]]
-    dora: Mapping[str, tuple[torch.Tensor, ...]]
-
-    @property
-    def nbytes(self) -> int:
-        return self.flat.nbytes
-
-    @classmethod
-    def build(
-        cls,
-        weights: AdapterWeights,
-        dora_scales: DoraScales | None,
-        shape: ModelShape,
-        dtype: torch.dtype,
-        pin: bool,
-    ) -> SlotImage:
-        key = PoolKey.of(weights)
-        element_size = torch.empty((), dtype=dtype).element_size()
-        elements = SlotPool.bytes_per_slot(key, shape, element_size) // element_size
-        flat = torch.zeros(elements, dtype=dtype, pin_memory=pin)
-        offset = 0
-
-        def take(*dims: int) -> torch.Tensor:
-            nonlocal offset
-            size = dims[0] * (dims[1] if len(dims) > 1 else 1)
-            view = flat[offset : offset + size].view(dims)
-            offset += size
-            return view
-
-        a: dict[str, tuple[torch.Tensor, ...]] = {}
-        b: dict[str, tuple[torch.Tensor, ...]] = {}
-        dora: dict[str, tuple[torch.Tensor, ...]] = {}
-        for module in key.modules:
-            fan_in, fan_out = shape.module_dims(module)
-            a_layers, b_layers, dora_layers = [], [], []
-            for layer in range(shape.num_layers):
-                a_slot, b_slot = take(fan_in, key.rank), take(key.rank, fan_out)
-                found = weights.modules.get((layer, module))
-                if found is not None:
-                    rank = found.a.shape[0]
-                    a_slot[:, :rank].copy_(found.a.T)
-                    b_slot[:rank].copy_(found.b.T)
-                a_layers.append(a_slot)
-                b_layers.append(b_slot)
-                if key.dora:
-                    scale = None if dora_scales is None else dora_scales.get((layer, module))
-                    dora_slot = take(fan_out)
-                    dora_slot.fill_(1.0) if scale is None else dora_slot.copy_(scale)
-                    dora_layers.append(dora_slot)
-            a[module], b[module] = tuple(a_layers), tuple(b_layers)
-            if key.dora:
-                dora[module] = tuple(dora_layers)
-        return cls(key, flat, a, b, dora)
-
-
 class SlotPool:
     """Stacked weights of one :class:`PoolKey` for ``capacity`` adapters, allocated once."""
 
     def __init__(
-        self,
-        key: PoolKey,
-        shape: ModelShape,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        fences: SlotFences | None = None,
+        self, key: PoolKey, shape: ModelShape, capacity: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.key = key
         self.shape = shape
         self.dtype = dtype
         self.device = device
-        self.fences = fences or SlotFences(copy_stream_for(device))
         self.capacity = 0
         # a[module][layer]: [capacity, in, R]; b[module][layer]: [capacity, R, out]; dora[module][layer]: [cap, out]
         self.a: dict[str, list[torch.Tensor]] = {}
@@ -199,22 +120,21 @@ class SlotPool:
         if capacity < self.capacity and any(owner is not None for owner in self._owners[capacity:]):
             raise RuntimeError("cannot cut a pool over used slots; compact it first")
         rank = self.key.rank
-        with self.fences.exclusive():
-            for module in self.key.modules:
-                fan_in, fan_out = self.shape.module_dims(module)
-                layers = range(self.shape.num_layers)
-                old_a, old_b = self.a.get(module), self.b.get(module)
-                self.a[module] = [
-                    self._new_stack(old_a[i] if old_a else None, capacity, (fan_in, rank), 0.0) for i in layers
+        for module in self.key.modules:
+            fan_in, fan_out = self.shape.module_dims(module)
+            layers = range(self.shape.num_layers)
+            old_a, old_b = self.a.get(module), self.b.get(module)
+            self.a[module] = [
+                self._new_stack(old_a[i] if old_a else None, capacity, (fan_in, rank), 0.0) for i in layers
+            ]
+            self.b[module] = [
+                self._new_stack(old_b[i] if old_b else None, capacity, (rank, fan_out), 0.0) for i in layers
+            ]
+            if self.key.dora:
+                old_d = self.dora.get(module)
+                self.dora[module] = [
+                    self._new_stack(old_d[i] if old_d else None, capacity, (fan_out,), 1.0) for i in layers
                 ]
-                self.b[module] = [
-                    self._new_stack(old_b[i] if old_b else None, capacity, (rank, fan_out), 0.0) for i in layers
-                ]
-                if self.key.dora:
-                    old_d = self.dora.get(module)
-                    self.dora[module] = [
-                        self._new_stack(old_d[i] if old_d else None, capacity, (fan_out,), 1.0) for i in layers
-                    ]
         if capacity >= self.capacity:
             self._owners.extend([None] * (capacity - self.capacity))
             for slot in range(self.capacity, capacity):
@@ -239,24 +159,31 @@ class SlotPool:
             self._reallocate(self.used)
         return freed
 
-    def take(self, image: SlotImage) -> Placement | None:
-        """A free slot written with ``image`` (on the copy stream: a step reads it inside
-        :meth:`DeviceSlots.reading`); None when the pool is full."""
-        if image.key != self.key:
-            raise ValueError(f"an image of pool {image.key} written into pool {self.key}")
+    def take(self, weights: AdapterWeights, dora_scales: DoraScales | None) -> Placement | None:
         if not self._free:
             return None
         slot = heapq.heappop(self._free)
-        with self.fences.writing((self, slot)):
-            for module in self.key.modules:
-                for layer in range(self.shape.num_layers):
-                    self.a[module][layer][slot].copy_(image.a[module][layer], non_blocking=True)
-                    self.b[module][layer][slot].copy_(image.b[module][layer], non_blocking=True)
-                    if self.key.dora:
-                        self.dora[module][layer][slot].copy_(image.dora[module][layer], non_blocking=True)
+        self._write(slot, weights, dora_scales)
         placement = Placement(self, slot)
         self._owners[slot] = placement
         return placement
+
+    def _write(self, slot: int, weights: AdapterWeights, dora_scales: DoraScales | None) -> None:
+        for module in self.key.modules:
+            for layer in range(self.shape.num_layers):
+                a_slot, b_slot = self.a[module][layer][slot], self.b[module][layer][slot]
+                found = weights.modules.get((layer, module))
+                rank = 0 if found is None else found.a.shape[0]
+                if found is not None:
+                    a_slot[:, :rank].copy_(found.a.T)
+                    b_slot[:rank].copy_(found.b.T)
+                if rank < self.key.rank:  # what a previous adapter of a larger rank left there
+                    a_slot[:, rank:].zero_()
+                    b_slot[rank:].zero_()
+                if self.key.dora:
+                    scale = None if dora_scales is None else dora_scales.get((layer, module))
+                    dora_slot = self.dora[module][layer][slot]
+                    dora_slot.fill_(1.0) if scale is None else dora_slot.copy_(scale)
 
     def release(self, placement: Placement) -> None:
         if self._owners[placement.slot] is not placement:
@@ -267,18 +194,17 @@ class SlotPool:
     def compact(self) -> None:
         """Moves used slots to the lowest indices (updating their placements), so the tail can be cut off."""
         target = 0
-        with self.fences.exclusive():
-            for slot, owner in enumerate(list(self._owners)):
-                if owner is None:
-                    continue
-                if slot != target:
-                    for stacks in (self.a, self.b, self.dora):
-                        for per_layer in stacks.values():
-                            for stack in per_layer:
-                                stack[target].copy_(stack[slot])
-                    self._owners[target], self._owners[slot] = owner, None
-                    owner.slot = target
-                target += 1
+        for slot, owner in enumerate(list(self._owners)):
+            if owner is None:
+                continue
+            if slot != target:
+                for stacks in (self.a, self.b, self.dora):
+                    for per_layer in stacks.values():
+                        for stack in per_layer:
+                            stack[target].copy_(stack[slot])
+                self._owners[target], self._owners[slot] = owner, None
+                owner.slot = target
+            target += 1
         self._free = list(range(target, self.capacity))
         heapq.heapify(self._free)
 
@@ -297,8 +223,6 @@ class DeviceSlots:
         self.pools: dict[PoolKey, SlotPool] = {}
         self.reallocations = 0  # pools grown or cut after their creation (each a copy of their used slots)
         self._element_size = torch.empty((), dtype=dtype).element_size()
-        self.copies = copy_stream_for(device)
-        self.fences = SlotFences(self.copies)
 
     @property
     def used_slots(self) -> int:
@@ -319,31 +243,17 @@ class DeviceSlots:
         """Slots of pool ``key`` the unallocated bytes would hold."""
         return (self.max_bytes - self.allocated_bytes) // SlotPool.bytes_per_slot(key, self.shape, self._element_size)
 
-    def image(self, weights: AdapterWeights, dora_scales: DoraScales | None = None) -> SlotImage:
-        """``weights``' slot contents on the host, in these stacks' layout and dtype (pinned for a CUDA copy stream):
-        what the host tier keeps and :meth:`place_image` copies."""
-        return SlotImage.build(weights, dora_scales, self.shape, self.dtype, self.copies.pins)
-
     def place(
         self, weights: AdapterWeights, dora_scales: DoraScales | None = None, grow: bool = True
     ) -> Placement | None:
-        """:meth:`place_image` for a caller that reads the slot outside :meth:`reading`: the compute stream's next
-        work comes after the write."""
-        placement = self.place_image(self.image(weights, dora_scales), grow)
-        if placement is not None:
-            self.fences.settle((placement.pool, placement.slot))
-        return placement
-
-    def place_image(self, image: SlotImage, grow: bool = True) -> Placement | None:
-        """A slot for ``image``: a free slot of its pool (one slot write), else a new pool preallocated at what
-        the budgets allow, else (``grow``) its full pool grown into free bytes; None when the caller must evict.
-        The write is enqueued on the copy stream; a step reads the slot inside :meth:`reading`."""
+        """A slot for ``weights``: a free slot of its pool (one slot write), else a new pool preallocated at what
+        the budgets allow, else (``grow``) its full pool grown into free bytes; None when the caller must evict."""
         if self.used_slots >= self.max_slots:
             return None
-        key = image.key
+        key = PoolKey.of(weights)
         pool = self.pools.get(key)
         if pool is not None:
-            placement = pool.take(image)
+            placement = pool.take(weights, dora_scales)
             if placement is not None or not grow:
                 return placement
         current = 0 if pool is None else pool.capacity
@@ -351,31 +261,26 @@ class DeviceSlots:
         if new_capacity <= current:
             return None
         if pool is None:
-            pool = self.pools[key] = SlotPool(key, self.shape, new_capacity, self.dtype, self.device, self.fences)
+            pool = self.pools[key] = SlotPool(key, self.shape, new_capacity, self.dtype, self.device)
         else:
             pool.grow(new_capacity)
             self.reallocations += 1
-        return pool.take(image)
-
-    def reading(self, placements: Iterable[Placement | None]) -> AbstractContextManager[None]:
-        """A step reading ``placements``' slots (None: a row without an adapter): its compute work enqueued inside
-        starts after their writes (no host sync), and the slots are not written again before it is done."""
-        return self.fences.reading((p.pool, p.slot) for p in placements if p is not None)
+        return pool.take(weights, dora_scales)
 
     def release(self, placement: Placement) -> None:
         placement.pool.release(placement)
 
-    def reclaim(self, key: PoolKey) -> bool:
-        """Gives bytes back for pool ``key`` from the others: empty pools are dropped (no copy), then the pool
+    def reclaim(self, weights: AdapterWeights) -> bool:
+        """Gives bytes back for ``weights``' pool from the others: empty pools are dropped (no copy), then the pool
         with the most free slots has its free tail cut (compaction, then a copy of its used slots); False when no
         other pool has a free slot."""
+        key = PoolKey.of(weights)
         others = [pool for pool in self.pools.values() if pool.key != key and pool.free]
         if not others:
             return False
         empty = [pool for pool in others if pool.used == 0]
-        with self.fences.exclusive():  # forgets their slots' events (which hold the pools)
-            for pool in empty:
-                del self.pools[pool.key]
+        for pool in empty:
+            del self.pools[pool.key]
         if not empty:
             max(others, key=lambda pool: pool.free * pool.slot_bytes).cut_free_tail()
             self.reallocations += 1

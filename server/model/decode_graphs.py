@@ -5,8 +5,9 @@ A decode-only step (one row per sequence, every row past its prompt) is padded u
 buffer per captured graph, ``[B, 4 + P + W]``: token id, position, cache slot, keys after the write, one column of
 row slots per LoRA pool of the step (``-1`` = the row has no adapter of that pool; base rows have ``-1``
 everywhere), then the block table (``W`` = blocks of ``engine.max_seq_len``). One host → device copy fills it, the
-graph unpacks it and runs :meth:`DecoderForward.decode_static` (``lora_add_rows_slices`` per pool and projection, the chosen
-paged decode attention of :mod:`.paged_attention`), and the logits of the real rows are read from its static output.
+graph unpacks it and runs :meth:`DecoderForward.decode_static` (``lora_add_rows_slices`` per pool and projection,
+the chosen paged decode attention of :mod:`.paged_attention`), and the logits of the real rows are read from its
+static output.
 Padded rows read token 0 at position 0, write their K/V to a scratch block taken from the KV cache for good
 (so ``kv_cache_usage_ratio`` counts one block more) and read only it; their logits are dropped. The host buffer is
 written in place through a numpy view, and a row's block table only where it grew since the last step (a row that

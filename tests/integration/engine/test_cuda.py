@@ -17,11 +17,8 @@ from loadtests.random_model import write_random_llama
 from loraplex.server.config import ModelSettings
 from loraplex.server.core.types import GenerationRequest, SamplingParams
 from loraplex.server.engine.engine import Engine, describe
-from loraplex.server.lora.copy_stream import CudaCopyStream
-from loraplex.server.lora.format import AdapterLimits, read_adapter
 from loraplex.server.lora.layers import layer_shape
 from loraplex.server.lora.ops import LoraBackend, lora_add_triton, lora_delta, lora_delta_reference, select_kernels
-from loraplex.server.lora.pool import DeviceSlots
 from loraplex.server.model.loader import LoadedBase, load_base
 from loraplex.server.model.quantize import quantization_config
 from tests.integration.engine.conftest import make_engine, run_all
@@ -195,68 +192,6 @@ def test_engine_on_cuda_nf4_bf16_matches_peft(random_base: Path, tmp_path: Path)
 
 
 SLEEP_CYCLES = 500_000_000  # torch.cuda._sleep: a few hundred milliseconds of a busy stream
-
-
-def test_slot_writes_on_cuda_run_on_a_side_stream_from_pinned_memory_without_host_syncs(
-    random_base: Path, tmp_path: Path
-) -> None:
-    """Host images are pinned; a slot write runs on the copy stream while the compute stream is busy (and makes no
-    host sync); a step reading the slot waits for a slow write on the device; a write into a slot a running step
-    reads waits for that step."""
-    base = load_base(ModelSettings(base_model=str(random_base), device="cuda", quantization="none", dtype="float32"))
-    limits = AdapterLimits(max_rank=64, max_file_bytes=1 << 30)
-    weights = []
-    for seed in range(3):
-        write_adapter(tmp_path / f"a{seed}", base.shape, 16, ALL_LINEAR, seed=seed)
-        weights.append(read_adapter(f"a{seed}", tmp_path / f"a{seed}", base.shape, limits))
-    slots = DeviceSlots(base.shape, 4, 1 << 30, torch.bfloat16, CUDA)
-    copies = slots.copies
-    assert isinstance(copies, CudaCopyStream) and copies.stream != torch.cuda.current_stream()
-    images = [slots.image(w) for w in weights]
-    assert all(image.flat.is_pinned() for image in images)
-    first = slots.place_image(images[0])  # creates the pool
-    assert first is not None
-    torch.cuda.synchronize()
-    stack = first.pool.a["q_proj"][0]
-
-    # 1. The write runs while the compute stream sleeps, and enqueues no host sync.
-    torch.cuda._sleep(SLEEP_CYCLES)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        second = slots.place_image(images[1])
-        written = copies.stream.record_event()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert second is not None
-    written.synchronize()
-    assert not torch.cuda.current_stream().query(), "the copy waited for the compute stream"
-    torch.cuda.synchronize()
-
-    # 2. A step reading a slot whose write is slow waits for it on the device.
-    slots.release(second)
-    with torch.cuda.stream(copies.stream):
-        torch.cuda._sleep(SLEEP_CYCLES)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        third = slots.place_image(images[2])
-        assert third is not None and third.slot == second.slot
-        with slots.reading([third]):
-            seen = stack[third.slot].clone()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    assert torch.equal(seen.cpu(), images[2].a["q_proj"][0])
-
-    # 3. A write into a slot a running step reads waits for the step.
-    with slots.reading([third]):
-        torch.cuda._sleep(SLEEP_CYCLES)
-        during = stack[third.slot].clone()
-    slots.release(third)
-    again = slots.place_image(images[0])
-    assert again is not None and again.slot == third.slot and copies.copy_waits >= 1
-    torch.cuda.synchronize()
-    assert torch.equal(during.cpu(), images[2].a["q_proj"][0]), "the slot was overwritten under a running step"
-    assert torch.equal(stack[again.slot].cpu(), images[0].a["q_proj"][0])
 
 
 def test_engine_on_cuda_with_adapters_churning_through_two_slots_matches_peft(

@@ -20,7 +20,7 @@ import torch
 
 from loraplex.server.core.errors import AdapterNotFound
 from loraplex.server.lora.cache import AdapterManager, AdapterVersion, Retired
-from loraplex.server.lora.format import AdapterLimits, read_adapter
+from loraplex.server.lora.format import AdapterLimits
 from loraplex.server.lora.pool import DeviceSlots, PoolKey, SlotPool
 from loraplex.server.lora.sources import AdapterRoots
 from tests.support.adapters import write_adapter
@@ -73,8 +73,10 @@ def test_full_device_evicts_from_the_adapters_own_pool_without_resizing(
     placed = versions["a5"].placement
     assert placed is not None and placed.pool is pool and placed.slot == slot
     assert pool.capacity == 4 and pool.a["q_proj"][0] is stack  # the pool was neither grown nor copied
-    a5 = read_adapter("a5", manager.roots.resolve("a5"), SHAPE, manager.limits)
-    torch.testing.assert_close(stack[slot][:, :8], a5.modules[(0, "q_proj")].a.T)
+    torch.testing.assert_close(
+        stack[slot][:, :8],
+        manager.lookup("a5").result(10).weights.modules[(0, "q_proj")].a.T,  # type: ignore[union-attr]
+    )
 
 
 def test_full_device_evicts_another_pools_adapter_when_its_own_are_all_in_use(

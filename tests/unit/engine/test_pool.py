@@ -109,7 +109,7 @@ def test_new_pool_key_reclaims_the_free_tail_of_another_pool_and_keeps_its_weigh
     slots.release(placements[2])  # type: ignore[arg-type]
     wide = _weights(tmp_path, "wide", 16, seed=9)
     assert slots.place(wide) is None  # no free bytes: the caller reclaims
-    assert slots.reclaim(PoolKey.of(wide)) and slots.reallocations == 1
+    assert slots.reclaim(wide) and slots.reallocations == 1
     placed = slots.place(wide)
     assert placed is not None and placed.pool.capacity == 1
     assert slots.allocated_bytes <= slots.max_bytes
@@ -118,7 +118,7 @@ def test_new_pool_key_reclaims_the_free_tail_of_another_pool_and_keeps_its_weigh
         torch.testing.assert_close(
             placement.pool.a["v_proj"][0][placement.slot][:, :8], weights.modules[(0, "v_proj")].a.T
         )
-    assert not slots.reclaim(PoolKey.of(wide))  # nothing free left elsewhere
+    assert not slots.reclaim(wide)  # nothing free left elsewhere
 
 
 def test_reclaim_drops_an_empty_pool_without_copying(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_reclaim_drops_an_empty_pool_without_copying(tmp_path: Path) -> None:
     assert placement is not None
     slots.release(placement)
     wide = _weights(tmp_path, "wide", 16, seed=1)
-    assert slots.reclaim(PoolKey.of(wide)) and slots.reallocations == 0 and not slots.pools
+    assert slots.reclaim(wide) and slots.reallocations == 0 and not slots.pools
     grown = slots.place(wide)
     assert grown is not None and grown.pool.capacity == 2  # 4 rank-8 slots' bytes hold 2 rank-16 ones
 
